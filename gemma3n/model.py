@@ -1,0 +1,259 @@
+"""Gemma3n: the whole model (text decoder + optional vision and audio towers) and checkpoint loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import attach_weights, checkpoint_dtype, read_checkpoint_tensors
+from .config import Gemma3nConfig
+from .text_model import KVCache, TextModel
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in ("auto",):
+        return None
+    try:
+        return _DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+
+
+@dataclass
+class ModelOutput:
+    """Forward result: ``logits`` [B, T, vocab]."""
+
+    logits: torch.Tensor
+
+
+class Gemma3n(nn.Module):
+    """Gemma 3n: text decoder plus, when configured, the vision and audio towers and their embedders."""
+
+    def __init__(self, config: Gemma3nConfig, *, text_only: bool = False):
+        super().__init__()
+        self.config = config
+        self.path: Path | None = None
+        self._processor = None
+        self.language_model = TextModel(config.text)
+        self.has_vision = config.vision is not None and not text_only
+        self.has_audio = config.audio is not None and not text_only
+        if self.has_vision:
+            from .encoders.embedder import MultimodalEmbedder
+            from .encoders.vision import VisionTower
+
+            self.vision_tower = VisionTower(config.vision, config.vision_soft_tokens_per_image)
+            self.embed_vision = MultimodalEmbedder.from_configs(config.vision, config.text)
+        if self.has_audio:
+            from .encoders.audio import AudioEncoder
+            from .encoders.embedder import MultimodalEmbedder
+
+            self.audio_tower = AudioEncoder(config.audio)
+            self.embed_audio = MultimodalEmbedder.from_configs(config.audio, config.text)
+
+    # ---- loading --------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        text_only: bool = False,
+    ) -> Gemma3n:
+        """Load a checkpoint directory in the published Hugging Face layout.
+
+        The model is built on the meta device and the memory-mapped tensors are attached directly (cast to ``dtype``,
+        default: the checkpoint's own dtype), so weights are never held twice. ``text_only`` skips the towers.
+        """
+        path = Path(path)
+        config = Gemma3nConfig.from_pretrained(path)
+        tensors = read_checkpoint_tensors(path)
+        dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors.values())
+        with torch.device("meta"):
+            model = cls(config, text_only=text_only)
+        renamed, ignore = _published_to_module_names(tensors, model, text_only_layout=config.text_only_layout)
+        attach_weights(model, renamed, dtype=dtype, device=device, ignore=ignore, source=str(path))
+        for module in model.modules():
+            finish = getattr(module, "finish_loading", None)
+            if callable(finish) and module is not model:
+                finish()
+        model.path = path
+        return model.eval().requires_grad_(False)
+
+    # ---- properties -------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    @property
+    def processor(self) -> Any:
+        """The checkpoint's processor (tokenizer, chat template, image and audio preprocessing), loaded on first use."""
+        if self._processor is None:
+            if self.path is None:
+                raise ValueError("this model was not loaded from a checkpoint directory; build a Processor yourself")
+            from .processors import Processor
+
+            self._processor = Processor.from_pretrained(self.path)
+        return self._processor
+
+    # ---- inputs ---------------------------------------------------------------------------------------------------
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embeddings [B, T, H] for a prompt: text tokens, modality hard tokens, and soft tokens at placeholders."""
+        cfg = self.config
+        lm = self.language_model
+        embeds = lm.embed(input_ids)
+        if self.has_vision:
+            embeds = self._embed_hard(embeds, input_ids, self.embed_vision, cfg.vision.vocab_offset,
+                                      cfg.audio.vocab_offset if cfg.audio else None)
+        if self.has_audio:
+            embeds = self._embed_hard(embeds, input_ids, self.embed_audio, cfg.audio.vocab_offset, None)
+        if pixel_values is not None:
+            if not self.has_vision:
+                raise ValueError("pixel_values given, but this model has no vision tower")
+            soft = self.embed_vision.embed_soft(self.vision_tower(pixel_values.to(self.device, self.dtype)))
+            embeds = _scatter_soft_tokens(embeds, input_ids, cfg.image_token_id, soft, "image")
+        if input_features is not None:
+            if not self.has_audio:
+                raise ValueError("input_features given, but this model has no audio tower")
+            soft = self.audio_soft_tokens(input_features, input_features_mask)
+            embeds = _scatter_soft_tokens(embeds, input_ids, cfg.audio_token_id, soft, "audio")
+        return embeds
+
+    def _embed_hard(self, embeds, input_ids, embedder, lo: int, hi: int | None) -> torch.Tensor:
+        # computed for every position (no host sync): a plain where keeps the step graph-friendly
+        inside = input_ids >= lo if hi is None else (input_ids >= lo) & (input_ids < hi)
+        ids = torch.where(inside, input_ids, torch.full_like(input_ids, lo))
+        hard = embedder.embed_hard(ids, check=False).to(embeds.dtype)
+        return torch.where(inside[..., None], hard, embeds)
+
+    def audio_soft_tokens(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> torch.Tensor:
+        """Audio soft tokens [n_clips, audio_soft_tokens_per_image, H], padded as the reference pads them."""
+        cfg = self.config
+        features = input_features.to(self.device, self.dtype)
+        if input_features_mask is None:
+            input_features_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=self.device)
+        encodings, valid = self.audio_tower(features, input_features_mask.to(self.device).bool())
+        soft = self.embed_audio.embed_soft(encodings)  # [n, T', H]
+        # Padding positions (and the tail up to the fixed count) take the embedding of the last text-vocab id
+        # through the audio embedder's hard path, as the reference does.
+        pad_id = torch.tensor([[cfg.text.vocab_size - 1]], device=self.device)
+        pad = self.embed_audio.embed_hard(pad_id, check=False).to(soft.dtype)  # [1, 1, H]
+        soft = torch.where(valid[..., None], soft, pad)
+        n, length, hidden = soft.shape
+        if length > cfg.audio_soft_tokens_per_image:
+            raise ValueError(
+                f"audio encoder produced {length} soft tokens per clip, more than the "
+                f"{cfg.audio_soft_tokens_per_image} placeholders per clip (input_features of {features.shape[1]} frames)"
+            )
+        tail = pad.expand(n, cfg.audio_soft_tokens_per_image - length, hidden)
+        return torch.cat([soft, tail], dim=1)
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+        logits_to_keep: int | None = None,
+    ) -> ModelOutput:
+        """Logits for a batch of prompts (images / audio written at their placeholder tokens)."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        if position_ids is not None:
+            position_ids = position_ids.to(self.device)
+        embeds = self.embed_inputs(input_ids, pixel_values, input_features, input_features_mask)
+        logits = self.language_model(
+            inputs_embeds=embeds,
+            ple_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            start=start,
+            logits_to_keep=logits_to_keep,
+        )
+        return ModelOutput(logits=logits)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Generate continuations; see :func:`gemma3n.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+def _scatter_soft_tokens(
+    embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, soft: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """Write ``soft`` [n_items, tokens_per_item, H] at the ``token_id`` positions of ``input_ids`` (row-major)."""
+    placeholder = input_ids == token_id
+    n_slots = int(placeholder.sum())
+    n_soft = soft.shape[0] * soft.shape[1]
+    if n_slots != n_soft:
+        per_item = soft.shape[1]
+        raise ValueError(
+            f"{kind} placeholders and {kind} inputs do not match: the prompt holds {n_slots} <{kind}_soft_token> "
+            f"tokens but {soft.shape[0]} {kind} input(s) give {n_soft} soft tokens ({per_item} each)"
+        )
+    return embeds.masked_scatter(placeholder[..., None], soft.to(embeds.dtype))
+
+
+def _published_to_module_names(
+    tensors: dict[str, torch.Tensor], model: Gemma3n, *, text_only_layout: bool
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Map published tensor names to this module's names; also return the names to skip knowingly."""
+    renamed: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name == "lm_head.weight":
+            continue  # tied to the token embedding
+        if text_only_layout:
+            key = "language_model." + name.removeprefix("model.") if name.startswith("model.") else name
+        else:
+            key = name.removeprefix("model.")
+        renamed[key] = tensor
+    ignore = set()
+    cfg = model.config.text
+    for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers):
+        for part in ("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias", "k_norm.weight", "v_norm.weight"):
+            ignore.add(f"language_model.layers.{i}.self_attn.{part}")
+    prefixes = []
+    if not model.has_vision:
+        prefixes += ["vision_tower.", "embed_vision."]
+    if not model.has_audio:
+        prefixes += ["audio_tower.", "embed_audio."]
+    ignore.update(k for k in renamed if k.startswith(tuple(prefixes)))
+    return renamed, ignore
+
+
+def load(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    text_only: bool = False,
+) -> Gemma3n:
+    """Load a Gemma 3n checkpoint directory (published Hugging Face layout) onto ``device`` in ``dtype``."""
+    return Gemma3n.from_pretrained(path, device=device, dtype=dtype, text_only=text_only)

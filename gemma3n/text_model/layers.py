@@ -1,0 +1,146 @@
+"""One Gemma 3n decoder layer: AltUp around attention + LAuReL + sparse gated MLP + per-layer-embedding gate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from ..modules import RMSNorm
+from .attention import Attention
+from .kv_cache import AttentionContext
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (the reference keeps such constants as tensors of the weight dtype)."""
+    return torch.tensor(value, dtype=torch.float32).to(dtype).item()
+
+
+class MLP(nn.Module):
+    """Gated GELU-tanh MLP; with ``sparsity`` > 0 the gate keeps only values above a Gaussian quantile (top-k proxy)."""
+
+    def __init__(self, hidden: int, intermediate: int, sparsity: float):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.sparsity = sparsity
+        # z-score of the target quantile: a gate value must exceed mean + z * std to survive
+        self.z = 0.0
+        if sparsity > 0:  # standard-normal quantile, computed on the CPU even while building on the meta device
+            p = torch.tensor(sparsity, dtype=torch.float32, device="cpu")
+            self.z = (torch.erfinv(2 * p - 1) * math.sqrt(2)).item()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        if self.sparsity > 0:
+            z = in_dtype(self.z, gate.dtype)
+            cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * z
+            gate = F.relu(gate - cutoff)
+        return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
+
+
+class Laurel(nn.Module):
+    """Learned augmented residual: x + norm(right(left(x))) through a rank-``r`` bottleneck."""
+
+    def __init__(self, hidden: int, rank: int, eps: float):
+        super().__init__()
+        self.linear_left = nn.Linear(hidden, rank, bias=False)
+        self.linear_right = nn.Linear(rank, hidden, bias=False)
+        self.post_laurel_norm = RMSNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
+
+
+class AltUp(nn.Module):
+    """Alternating updates over ``n`` residual streams; only the active stream goes through the layer.
+
+    Streams are stacked as ``[n, B, T, H]``. ``predict`` mixes the streams with input-dependent coefficients before the
+    layer; ``correct`` spreads the layer's innovation on the active stream back to all streams.
+    """
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        n, hidden = config.altup_num_inputs, config.hidden_size
+        self.n = n
+        self.active = config.altup_active_idx
+        self.router_scale = 1.0 / hidden
+        self.correct_output_scale = nn.Parameter(torch.zeros(hidden))
+        self.correction_coefs = nn.Linear(n, n, bias=False)
+        self.prediction_coefs = nn.Linear(n, n * n, bias=False)
+        self.modality_router = nn.Linear(hidden, n, bias=False)
+        self.router_norm = RMSNorm(hidden, eps=config.rms_norm_eps)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token mixing weights in (-1, 1): [B, T, n]."""
+        routed = self.modality_router(self.router_norm(x) * in_dtype(self.router_scale, x.dtype))
+        return torch.tanh(routed.float()).type_as(x)
+
+    def predict(self, streams: torch.Tensor) -> torch.Tensor:
+        B, T = streams.shape[1:3]
+        coefs = self.prediction_coefs(self.route(streams[self.active])).view(B, T, self.n, self.n)
+        # prediction_j = stream_j + sum_k coefs[j, k] * stream_k
+        mixed = torch.matmul(streams.permute(1, 2, 3, 0), coefs.transpose(-1, -2)).permute(3, 0, 1, 2)
+        return (mixed + streams).type_as(streams)
+
+    def correct(self, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
+        coefs = self.correction_coefs(self.route(activated)) + 1.0  # [B, T, n]
+        innovation = activated - predictions[self.active]  # [B, T, H]
+        corrected = innovation[None] * coefs.permute(2, 0, 1)[..., None] + predictions
+        return corrected.type_as(activated)
+
+    def scale_output(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.type_as(self.correct_output_scale) * self.correct_output_scale).type_as(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.active = config.altup_active_idx
+        self.correct_scale = config.altup_correct_scale
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(hidden, config.intermediate_size[layer_idx], config.activation_sparsity_pattern[layer_idx])
+        self.input_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps=eps)
+        self.altup = AltUp(config)
+        self.laurel = Laurel(hidden, config.laurel_rank, eps)
+        self.per_layer_input_gate = nn.Linear(hidden, config.hidden_size_per_layer_input, bias=False)
+        self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
+        self.post_per_layer_input_norm = RMSNorm(hidden, eps=eps)
+
+    def forward(
+        self,
+        streams: torch.Tensor,
+        per_layer_input: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        ctx: AttentionContext,
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """streams [n, B, T, H], per_layer_input [B, T, P] -> streams [n, B, T, H]."""
+        predictions = self.altup.predict(streams)
+        active = predictions[self.active]
+        normed = self.input_layernorm(active)
+        laurel = self.laurel(normed)
+        attn = self.post_attention_layernorm(self.self_attn(normed, rope, ctx, shared_kv))
+        h = (active + attn + laurel) / math.sqrt(2)
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        corrected = self.altup.correct(predictions, h)
+
+        # gate the per-layer embedding with the corrected active stream, add it to the other streams
+        first = corrected[self.active]
+        if self.correct_scale:
+            first = self.altup.scale_output(first)
+        gated = gelu_tanh(self.per_layer_input_gate(first)) * per_layer_input
+        update = self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return torch.cat([corrected[:1], corrected[1:] + update], dim=0)
