@@ -1,8 +1,8 @@
 """gemma3n: PyTorch-native inference for Google's Gemma 3n models.
 
-    import gemma3n
-    model = gemma3n.load("path/to/gemma-3n-E2B-it", device="cuda", dtype="bfloat16")
-    pipe = gemma3n.pipeline("image-text-to-text", model=model)
+import gemma3n
+model = gemma3n.load("path/to/gemma-3n-E2B-it", device="cuda", dtype="bfloat16")
+pipe = gemma3n.pipeline("image-text-to-text", model=model)
 """
 
 from typing import Any

@@ -76,9 +76,7 @@ def _read_header(file: Path) -> tuple[dict, int]:
     data_start = 8 + header_len
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if data_start + end > size:
-        raise CheckpointError(
-            f"{file} is truncated: its header needs {data_start + end} bytes but the file has {size}"
-        )
+        raise CheckpointError(f"{file} is truncated: its header needs {data_start + end} bytes but the file has {size}")
     return header, data_start
 
 

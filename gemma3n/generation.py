@@ -34,7 +34,9 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path | None, eos_fallback: list[int], pad_fallback: int | None) -> GenerationConfig:
+    def from_checkpoint(
+        cls, path: str | Path | None, eos_fallback: list[int], pad_fallback: int | None
+    ) -> GenerationConfig:
         data: dict[str, Any] = {}
         file = Path(path) / "generation_config.json" if path is not None else None
         if file is not None and file.is_file():
@@ -91,7 +93,9 @@ class GenerationConfig:
         return not self.do_sample or self.temperature == 0
 
 
-def sample_next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     """Next token per row from logits [B, V] (float32): greedy, or temperature -> top-k -> top-p sampling."""
     if config.greedy:
         return logits.argmax(dim=-1)
@@ -208,12 +212,27 @@ def generate(
     pieces, or an object with ``put(token_ids)`` / ``end()`` like transformers' streamers.
     """
     for piece in _generate_iter(
-        model, input_ids, attention_mask, pixel_values, input_features, input_features_mask,
+        model,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        input_features,
+        input_features_mask,
         config_overrides=dict(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            stop_strings=stop_strings, eos_token_ids=eos_token_id, pad_token_id=pad_token_id,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_strings=stop_strings,
+            eos_token_ids=eos_token_id,
+            pad_token_id=pad_token_id,
         ),
-        seed=seed, generator=generator, streamer=streamer, tokenizer=tokenizer, generation_config=generation_config,
+        seed=seed,
+        generator=generator,
+        streamer=streamer,
+        tokenizer=tokenizer,
+        generation_config=generation_config,
     ):
         if isinstance(piece, torch.Tensor):
             return piece
@@ -232,8 +251,15 @@ def stream_generate(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Itera
     if "eos_token_id" in kwargs:
         kwargs["eos_token_ids"] = kwargs.pop("eos_token_id")
     for item in _generate_iter(
-        model, input_ids, *modal, config_overrides=kwargs, seed=seed, generator=generator, streamer=streamer,
-        tokenizer=tokenizer, generation_config=generation_config,
+        model,
+        input_ids,
+        *modal,
+        config_overrides=kwargs,
+        seed=seed,
+        generator=generator,
+        streamer=streamer,
+        tokenizer=tokenizer,
+        generation_config=generation_config,
     ):
         while pieces:
             yield pieces.pop(0)

@@ -13,8 +13,14 @@ from .checkpoint import attach_weights, checkpoint_dtype, read_checkpoint_tensor
 from .config import Gemma3nConfig
 from .text_model import KVCache, TextModel
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -51,13 +57,13 @@ class Gemma3n(nn.Module):
             from .encoders.vision import VisionTower
 
             self.vision_tower = VisionTower(config.vision, config.vision_soft_tokens_per_image)
-            self.embed_vision = MultimodalEmbedder.from_configs(config.vision, config.text)
+            self.embed_vision = MultimodalEmbedder.from_config(config.vision, config.text)
         if self.has_audio:
             from .encoders.audio import AudioEncoder
             from .encoders.embedder import MultimodalEmbedder
 
             self.audio_tower = AudioEncoder(config.audio)
-            self.embed_audio = MultimodalEmbedder.from_configs(config.audio, config.text)
+            self.embed_audio = MultimodalEmbedder.from_config(config.audio, config.text)
 
     # ---- loading --------------------------------------------------------------------------------------------------
     @classmethod
@@ -122,8 +128,13 @@ class Gemma3n(nn.Module):
         lm = self.language_model
         embeds = lm.embed(input_ids)
         if self.has_vision:
-            embeds = self._embed_hard(embeds, input_ids, self.embed_vision, cfg.vision.vocab_offset,
-                                      cfg.audio.vocab_offset if cfg.audio else None)
+            embeds = self._embed_hard(
+                embeds,
+                input_ids,
+                self.embed_vision,
+                cfg.vision.vocab_offset,
+                cfg.audio.vocab_offset if cfg.audio else None,
+            )
         if self.has_audio:
             embeds = self._embed_hard(embeds, input_ids, self.embed_audio, cfg.audio.vocab_offset, None)
         if pixel_values is not None:
@@ -162,7 +173,8 @@ class Gemma3n(nn.Module):
         if length > cfg.audio_soft_tokens_per_image:
             raise ValueError(
                 f"audio encoder produced {length} soft tokens per clip, more than the "
-                f"{cfg.audio_soft_tokens_per_image} placeholders per clip (input_features of {features.shape[1]} frames)"
+                f"{cfg.audio_soft_tokens_per_image} placeholders per clip "
+                f"(input_features of {features.shape[1]} frames)"
             )
         tail = pad.expand(n, cfg.audio_soft_tokens_per_image - length, hidden)
         return torch.cat([soft, tail], dim=1)

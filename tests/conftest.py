@@ -9,8 +9,14 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-LAYER_TYPES_6 = ["sliding_attention", "full_attention", "sliding_attention", "full_attention",
-                 "sliding_attention", "full_attention"]
+LAYER_TYPES_6 = [
+    "sliding_attention",
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+]
 
 
 def text_config(**overrides):

@@ -87,15 +87,29 @@ def test_incremental_decoding_equals_full_forward(tiny_lm):
         full = model(ids, attention_mask=mask, position_ids=pos).logits
         for prompt_len in (1, 4, 7):  # inside and beyond the window of 5
             cache = KVCache(model.config.text, 2, 24, dtype=torch.float32, device="cpu")
-            steps = [model(ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], position_ids=pos[:, :prompt_len],
-                           cache=cache).logits]
+            steps = [
+                model(
+                    ids[:, :prompt_len],
+                    attention_mask=mask[:, :prompt_len],
+                    position_ids=pos[:, :prompt_len],
+                    cache=cache,
+                ).logits
+            ]
             t = prompt_len
-            steps.append(model(ids[:, t : t + 3], attention_mask=mask[:, t : t + 3], position_ids=pos[:, t : t + 3],
-                               cache=cache, start=t).logits)  # a multi-token extension of a non-empty cache
+            steps.append(
+                model(
+                    ids[:, t : t + 3],
+                    attention_mask=mask[:, t : t + 3],
+                    position_ids=pos[:, t : t + 3],
+                    cache=cache,
+                    start=t,
+                ).logits
+            )  # a multi-token extension of a non-empty cache
             t += 3
             while t < ids.shape[1]:
-                steps.append(model(ids[:, t : t + 1], position_ids=pos[:, t : t + 1], cache=cache,
-                                   start=torch.tensor(t)).logits)
+                steps.append(
+                    model(ids[:, t : t + 1], position_ids=pos[:, t : t + 1], cache=cache, start=torch.tensor(t)).logits
+                )
                 t += 1
             err = rel_err(torch.cat(steps, 1)[mask.bool()], full[mask.bool()])
             assert err <= FP32_TOL, f"prompt {prompt_len}: incremental vs full relative error {err:.3e}"
@@ -143,8 +157,14 @@ def test_greedy_generation_matches_reference_with_left_padding(tmp_path):
 def test_config_unknown_keys_kept_and_bad_values_named(tmp_path):
     from gemma3n.config import Gemma3nConfig
 
-    base = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "model_type": "gemma3n_text", "some_future_key": {"x": 1}}
+    base = {
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "model_type": "gemma3n_text",
+        "some_future_key": {"x": 1},
+    }
     config = Gemma3nConfig.from_dict(base)
     assert config.text.extra["some_future_key"] == {"x": 1}
     assert config.text.intermediate_size == [128, 128]
@@ -195,8 +215,13 @@ def test_loading_errors_name_the_problem(tmp_path, tiny_lm):
     extra = tmp_path / "extra_layer"
     shutil.copytree(directory, extra)
     cfg = json.loads((extra / "config.json").read_text())
-    cfg.update(num_hidden_layers=5, layer_types=cfg["layer_types"][:5], intermediate_size=cfg["intermediate_size"][:5],
-               activation_sparsity_pattern=cfg["activation_sparsity_pattern"][:5], num_kv_shared_layers=1)
+    cfg.update(
+        num_hidden_layers=5,
+        layer_types=cfg["layer_types"][:5],
+        intermediate_size=cfg["intermediate_size"][:5],
+        activation_sparsity_pattern=cfg["activation_sparsity_pattern"][:5],
+        num_kv_shared_layers=1,
+    )
     (extra / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"unexpected tensors: .*layers\.5\."):
         gemma3n.load(extra)

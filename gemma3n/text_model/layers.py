@@ -18,9 +18,18 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
+
+
 def in_dtype(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to ``dtype`` (the reference keeps such constants as tensors of the weight dtype)."""
-    return torch.tensor(value, dtype=torch.float32).to(dtype).item()
+    """``value`` rounded to ``dtype`` (the reference keeps such constants as tensors of the weight dtype).
+
+    Memoised in a plain dict, so after the first (eager) call it is a lookup that torch.compile can trace.
+    """
+    key = (value, dtype)
+    if key not in _ROUNDED:
+        _ROUNDED[key] = torch.tensor(value, dtype=torch.float32, device="cpu").to(dtype).item()
+    return _ROUNDED[key]
 
 
 class MLP(nn.Module):

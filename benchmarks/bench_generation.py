@@ -1,0 +1,224 @@
+"""gemma3n vs transformers on the same random weights, in one process: decode, prefill, memory.
+
+    # CPU, small shape (the CI-sized check that our decode is >= 2x transformers'):
+    python benchmarks/bench_generation.py --preset small --device cpu --batch-sizes 1 4 --out bench_out/cpu_small.json
+    # GPU, published E2B shape, bf16:
+    python benchmarks/bench_generation.py --preset e2b --device cuda --dtype bfloat16 --out bench_out/gpu_e2b.json
+
+Both models share one set of random weights (transformers builds them; gemma3n attaches the same tensors through its
+loader's name mapping). Writes JSON and prints a markdown table; each decode figure is also given as achieved weight
+bandwidth (bytes of weights read per token x tokens/s) and as a fraction of --bandwidth-gbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gemma3n.checkpoint import attach_weights
+from gemma3n.config import Gemma3nConfig
+from gemma3n.model import Gemma3n, _published_to_module_names
+from gemma3n.presets import preset_config_dict
+
+
+def small_text_config() -> dict:
+    """A CPU-sized decoder keeping every Gemma 3n feature (and the published vocabulary size)."""
+    n = 8
+    return {
+        "model_type": "gemma3n_text",
+        "vocab_size": 262_400,
+        "vocab_size_per_layer_input": 262_144,
+        "hidden_size": 256,
+        "hidden_size_per_layer_input": 32,
+        "intermediate_size": [1024] * n,
+        "num_hidden_layers": n,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "sliding_window": 32,
+        "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n)],
+        "num_kv_shared_layers": 4,
+        "activation_sparsity_pattern": [0.95] * 2 + [0.0] * (n - 2),
+        "laurel_rank": 16,
+        "altup_num_inputs": 4,
+        "final_logit_softcapping": 30.0,
+    }
+
+
+def build_models(preset: str, device: str, dtype: torch.dtype):
+    """(transformers Gemma3nForCausalLM, our Gemma3n) sharing the same random text weights."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    text = small_text_config() if preset == "small" else preset_config_dict(preset)["text_config"]
+    ref_config = Gemma3nTextConfig(**{k: v for k, v in text.items() if k != "model_type"})
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = Gemma3nForCausalLM(ref_config).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # reference init leaves some weights 0; make all random
+            if "norm" in name:
+                p.normal_(1.0, 0.05)
+            else:
+                p.normal_(0.0, 0.02)
+    config = Gemma3nConfig.from_dict(text)
+    with torch.device("meta"):
+        ours = Gemma3n(config)
+    tensors = {k: v for k, v in ref.state_dict().items()}
+    renamed, ignore = _published_to_module_names(tensors, ours, text_only_layout=True)
+    attach_weights(ours, renamed, dtype=dtype, device=device, ignore=ignore, source="reference")
+    return ref, ours.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeat: int) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def weight_bytes_per_token(model: Gemma3n) -> int:
+    """Bytes of weights a batch-1 decode step reads: all text weights except the per-layer table (a row gather)."""
+    lm = model.language_model
+    total = sum(p.numel() * p.element_size() for p in lm.parameters())
+    table = lm.embed_tokens_per_layer.weight
+    # the tied embedding is read twice (row gather + LM head): count it once, as the head reads it fully
+    return total - table.numel() * table.element_size()
+
+
+def run(args) -> dict:
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    ref, ours = build_models(args.preset, args.device, dtype)
+    vocab = ours.config.text.vocab_size_per_layer_input
+    gen = torch.Generator().manual_seed(0)
+    results: dict = {
+        "preset": args.preset,
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "rows": [],
+    }
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name()
+    bytes_per_token = weight_bytes_per_token(ours)
+    results["weight_bytes_per_token"] = bytes_per_token
+
+    def add(name, impl, value, unit, **extra):
+        row = {"benchmark": name, "impl": impl, "value": value, "unit": unit, **extra}
+        results["rows"].append(row)
+        print(f"{name:<28} {impl:<22} {value:10.2f} {unit}", flush=True)
+
+    new = args.new_tokens
+    for batch in args.batch_sizes:
+        ids = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(args.device)
+        settings = dict(max_new_tokens=new, do_sample=False)
+
+        def ours_generate():
+            return ours.generate(ids, eos_token_id=[-1], **settings)
+
+        def ref_generate():
+            with torch.no_grad():
+                return ref.generate(input_ids=ids, min_new_tokens=new, eos_token_id=None, pad_token_id=0, **settings)
+
+        def ours_prefill():
+            return ours.generate(ids, eos_token_id=[-1], max_new_tokens=1)
+
+        def ref_prefill():
+            with torch.no_grad():
+                return ref.generate(input_ids=ids, max_new_tokens=1, eos_token_id=None, pad_token_id=0)
+
+        for impl, full, pre in (("gemma3n", ours_generate, ours_prefill), ("transformers", ref_generate, ref_prefill)):
+            t_full = timed(full, args.device, args.repeat)
+            t_pre = timed(pre, args.device, args.repeat)
+            tok_s = batch * (new - 1) / max(t_full - t_pre, 1e-9)
+            extra = {}
+            if batch == 1:
+                gbs = bytes_per_token * tok_s / 1e9
+                extra = {"weight_GBps": gbs, "fraction_of_bound": gbs / args.bandwidth_gbs}
+            add(f"decode b{batch}", impl, tok_s, "tok/s", **extra)
+
+    for length in args.prefill_lengths:
+        ids = torch.randint(3, vocab, (1, length), generator=gen).to(args.device)
+        from gemma3n.text_model import KVCache
+
+        def ours_run():
+            cache = KVCache(ours.config.text, 1, length + 1, dtype=dtype, device=args.device)
+            with torch.inference_mode():
+                return ours(ids, cache=cache, logits_to_keep=1)
+
+        def ref_run():
+            with torch.no_grad():
+                return ref(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+        for impl, fn in (("gemma3n", ours_run), ("transformers", ref_run)):
+            add(f"prefill {length}", impl, 1e3 * timed(fn, args.device, args.repeat), "ms")
+
+    if args.device.startswith("cuda"):
+        results["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    ratios = {}
+    for row in results["rows"]:
+        if row["impl"] == "gemma3n":
+            other = next(r for r in results["rows"] if r["benchmark"] == row["benchmark"] and r["impl"] != "gemma3n")
+            higher_better = row["unit"] == "tok/s"
+            ratios[row["benchmark"]] = row["value"] / other["value"] if higher_better else other["value"] / row["value"]
+    results["speedup_vs_transformers"] = ratios
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"preset {results['preset']}, {results['device']}, {results['dtype']}, torch {results['torch']}",
+        "",
+        "| benchmark | gemma3n | transformers | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for name, ratio in results["speedup_vs_transformers"].items():
+        rows = {r["impl"]: r for r in results["rows"] if r["benchmark"] == name}
+        unit = rows["gemma3n"]["unit"]
+        lines.append(
+            f"| {name} | {rows['gemma3n']['value']:.2f} {unit} | {rows['transformers']['value']:.2f} {unit} "
+            f"| {ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=["small", "e2b", "e4b"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 1024, 4096])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="memory bandwidth bound (H100 SXM)")
+    parser.add_argument("--out", default="bench_out/generation.json")
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    results = run(args)
+    table = markdown(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
