@@ -129,11 +129,12 @@ def attach_weights(
     device: torch.device | str,
     ignore: Iterable[str] = (),
     source: str = "checkpoint",
+    device_overrides: dict[str, torch.device | str] | None = None,
 ) -> None:
     """Attach ``tensors`` (already renamed to ``module``'s state-dict names) to a module built on the meta device.
 
-    Floating tensors are cast to ``dtype`` and moved to ``device``. Names in ``ignore`` are skipped silently; any other
-    missing, unexpected or mis-shaped tensor is an error listing the names.
+    Floating tensors are cast to ``dtype`` and moved to ``device`` (or ``device_overrides[name]``). Names in
+    ``ignore`` are skipped silently; any other missing, unexpected or mis-shaped tensor is an error listing the names.
     """
     expected = module.state_dict(keep_vars=True)
     ignore = set(ignore)
@@ -157,7 +158,8 @@ def attach_weights(
     state = {}
     for name, tensor in given.items():
         target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-        state[name] = tensor.to(device=device, dtype=target_dtype)
+        target_device = (device_overrides or {}).get(name, device)
+        state[name] = tensor.to(device=target_device, dtype=target_dtype)
     module.load_state_dict(state, strict=True, assign=True)
     leftovers = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if leftovers:

@@ -74,11 +74,14 @@ class Gemma3n(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str | None = None,
         text_only: bool = False,
+        ple_device: torch.device | str | None = None,
     ) -> Gemma3n:
         """Load a checkpoint directory in the published Hugging Face layout.
 
         The model is built on the meta device and the memory-mapped tensors are attached directly (cast to ``dtype``,
         default: the checkpoint's own dtype), so weights are never held twice. ``text_only`` skips the towers.
+        ``ple_device="cpu"`` keeps the per-layer embedding table (2B parameters for E2B) in host memory (pinned when
+        the model is on CUDA); each step gathers only the rows of its tokens and copies them to the model's device.
         """
         path = Path(path)
         config = Gemma3nConfig.from_pretrained(path)
@@ -87,7 +90,15 @@ class Gemma3n(nn.Module):
         with torch.device("meta"):
             model = cls(config, text_only=text_only)
         renamed, ignore = _published_to_module_names(tensors, model, text_only_layout=config.text_only_layout)
-        attach_weights(model, renamed, dtype=dtype, device=device, ignore=ignore, source=str(path))
+        overrides = {}
+        if ple_device is not None:
+            overrides["language_model.embed_tokens_per_layer.weight"] = ple_device
+        attach_weights(
+            model, renamed, dtype=dtype, device=device, ignore=ignore, source=str(path), device_overrides=overrides
+        )
+        table = model.language_model.embed_tokens_per_layer.weight
+        if ple_device is not None and torch.device(ple_device).type == "cpu" and torch.device(device).type == "cuda":
+            model.language_model.embed_tokens_per_layer.weight = nn.Parameter(table.pin_memory(), requires_grad=False)
         for module in model.modules():
             finish = getattr(module, "finish_loading", None)
             if callable(finish) and module is not model:
@@ -266,6 +277,10 @@ def load(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
     text_only: bool = False,
+    ple_device: torch.device | str | None = None,
 ) -> Gemma3n:
-    """Load a Gemma 3n checkpoint directory (published Hugging Face layout) onto ``device`` in ``dtype``."""
-    return Gemma3n.from_pretrained(path, device=device, dtype=dtype, text_only=text_only)
+    """Load a Gemma 3n checkpoint directory (published Hugging Face layout) onto ``device`` in ``dtype``.
+
+    See :meth:`Gemma3n.from_pretrained` for ``text_only`` and ``ple_device``.
+    """
+    return Gemma3n.from_pretrained(path, device=device, dtype=dtype, text_only=text_only, ple_device=ple_device)

@@ -238,3 +238,11 @@ def test_kv_shared_layer_tensors_in_checkpoint_are_skipped(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     model = gemma3n.load(tmp_path, dtype=torch.float32)
     assert not hasattr(model.language_model.layers[5].self_attn, "k_proj")
+
+
+def test_per_layer_table_placement_keeps_logits(tiny_lm):
+    """ple_device keeps the per-layer table where asked (host memory for GPU runs); results are unchanged."""
+    ref, directory = tiny_lm
+    ours = gemma3n.load(directory, dtype=torch.float32, ple_device="cpu")
+    assert ours.language_model.embed_tokens_per_layer.weight.device.type == "cpu"
+    _compare(ref, ours, _ids(2, 9, seed=13))
