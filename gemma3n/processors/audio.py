@@ -1,0 +1,387 @@
+"""Audio -> log-mel features for the Gemma 3n (USM) audio encoder, matching Gemma3nAudioFeatureExtractor.
+
+Waveforms (arrays, tensors, {"array"/"raw", "sampling_rate"} dicts or files) are mixed to mono and resampled to
+16 kHz (torchaudio); the batch is padded once, then processed in chunks of frames across all clips:
+
+    x [B, T] --pad to longest, round up to a multiple of 128, truncate at 30 s-->  [B, T']
+    frames of 513 samples every 160 (10 ms)                                        [B, F, 513]
+    pre-emphasis (HTK flavour: first sample scaled by 1-p, then x[n] - p x[n-1])   [B, F, 512]
+    periodic Hann window, |rFFT| of 1024 points ("FFT overdrive")                  [B, F, 513]
+    triangular HTK mel bank (125 Hz .. 7.6 kHz), log(max(., 1e-5))                [B, F, 128]
+    mask: frame f is valid when its first sample is a real (not padded) sample     [B, F]
+
+The FFT is numpy's (pocketfft) on CPU: its float32 results are bit-identical to the reference's, which matters
+because near-silent mel bins sit at the level of float32 FFT rounding noise (a different FFT implementation
+moves those log values by up to ~0.1 on pure tones). Everything else runs in torch. On CUDA tensors, or with
+fft_backend="torch", torch.fft is used instead (faster, equal to the reference only up to that rounding noise).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+from .files import ConfigError, get_bool, get_float, get_float_list, get_int, get_str
+
+URL_TIMEOUT_S = 10.0
+_FRAMES_PER_CHUNK = 256  # frames per clip per work item (x batch size rows per FFT call)
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """Feature-extractor settings; defaults are the published Gemma 3n values (and the reference's defaults)."""
+
+    feature_size: int = 128
+    sampling_rate: int = 16_000
+    padding_value: float = 0.0
+    padding_side: str = "right"
+    return_attention_mask: bool = True
+    frame_length_ms: float = 32.0
+    hop_length_ms: float = 10.0
+    min_frequency: float = 125.0
+    max_frequency: float = 7600.0
+    preemphasis: float = 0.97
+    preemphasis_htk_flavor: bool = True
+    fft_overdrive: bool = True
+    dither: float = 0.0
+    input_scale_factor: float = 1.0
+    mel_floor: float = 1e-5
+    per_bin_mean: tuple[float, ...] | None = None
+    per_bin_stddev: tuple[float, ...] | None = None
+
+    @property
+    def frame_length(self) -> int:
+        return int(round(self.sampling_rate * self.frame_length_ms / 1000.0))
+
+    @property
+    def hop_length(self) -> int:
+        return int(round(self.sampling_rate * self.hop_length_ms / 1000.0))
+
+    @property
+    def fft_length(self) -> int:
+        n = 2 ** math.ceil(math.log2(self.frame_length))
+        return 2 * n if self.fft_overdrive else n
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> AudioSettings:
+        """Parse a feature-extractor section; absent / null keys take the defaults above."""
+        feature_size = get_int(data, "feature_size", 128, source, minimum=1)
+        settings = cls(
+            feature_size=feature_size,
+            sampling_rate=get_int(data, "sampling_rate", 16_000, source, minimum=1),
+            padding_value=get_float(data, "padding_value", 0.0, source),
+            padding_side=get_str(data, "padding_side", "right", source, choices=("left", "right")),
+            return_attention_mask=get_bool(data, "return_attention_mask", True, source),
+            frame_length_ms=get_float(data, "frame_length_ms", 32.0, source, positive=True),
+            hop_length_ms=get_float(data, "hop_length_ms", 10.0, source, positive=True),
+            min_frequency=get_float(data, "min_frequency", 125.0, source, minimum=0.0),
+            max_frequency=get_float(data, "max_frequency", 7600.0, source, positive=True),
+            preemphasis=get_float(data, "preemphasis", 0.97, source, minimum=0.0),
+            preemphasis_htk_flavor=get_bool(data, "preemphasis_htk_flavor", True, source),
+            fft_overdrive=get_bool(data, "fft_overdrive", True, source),
+            dither=get_float(data, "dither", 0.0, source, minimum=0.0),
+            input_scale_factor=get_float(data, "input_scale_factor", 1.0, source),
+            mel_floor=get_float(data, "mel_floor", 1e-5, source, positive=True),
+            per_bin_mean=get_float_list(data, "per_bin_mean", None, source, length=feature_size),
+            per_bin_stddev=get_float_list(data, "per_bin_stddev", None, source, length=feature_size, positive=True),
+        )
+        if settings.frame_length < 2 or settings.hop_length < 1:
+            raise ConfigError(f"{source}: frame/hop lengths of {settings.frame_length}/{settings.hop_length} samples")
+        if settings.max_frequency <= settings.min_frequency:
+            raise ConfigError(f'{source}: "max_frequency" must exceed "min_frequency"')
+        if settings.max_frequency > settings.sampling_rate / 2:
+            raise ConfigError(f'{source}: "max_frequency" {settings.max_frequency} is above the Nyquist frequency')
+        # The reference derives these from the *_ms keys and ignores the stored sample counts; a stored value that
+        # disagrees means the file was edited inconsistently, so say so instead of silently using one of them.
+        for key, derived in (
+            ("frame_length", settings.frame_length),
+            ("hop_length", settings.hop_length),
+            ("fft_length", settings.fft_length),
+        ):
+            stored = get_int(data, key, derived, source, minimum=1)
+            if stored != derived:
+                raise ConfigError(
+                    f'{source}: "{key}" is {stored} but the other settings give {derived} '
+                    "(frame_length_ms / hop_length_ms / fft_overdrive at this sampling_rate)"
+                )
+        return settings
+
+
+def mel_filter_bank(settings: AudioSettings) -> np.ndarray:
+    """Triangular filters on the HTK mel scale, [n_fft // 2 + 1, n_mels] float64, without area normalization.
+
+    Built in float64 from float32 FFT-bin frequencies, the same arithmetic as the reference, so the filters agree
+    to the last bit before they are cast for the matmul.
+    """
+    n_freqs = settings.fft_length // 2 + 1
+    bin_hz = np.arange(n_freqs, dtype=np.float32) * (settings.sampling_rate / settings.fft_length)
+
+    def hz_to_mel(hz: float) -> float:
+        return 2595.0 * math.log10(1.0 + hz / 700.0)
+
+    mel_points = np.linspace(
+        hz_to_mel(settings.min_frequency), hz_to_mel(settings.max_frequency), settings.feature_size + 2
+    )
+    hz_points = 700.0 * (10 ** (mel_points / 2595.0) - 1.0)  # [n_mels + 2] band edges and centres
+    widths = np.diff(hz_points)  # [n_mels + 1]
+    offsets = hz_points[None, :] - bin_hz[:, None]  # [n_freqs, n_mels + 2]
+    rising = -offsets[:, :-2] / widths[:-1]  # left side of each triangle
+    falling = offsets[:, 2:] / widths[1:]  # right side
+    return np.maximum(0.0, np.minimum(rising, falling))
+
+
+def hann_window(length: int) -> np.ndarray:
+    """Periodic Hann window in float32 arithmetic (so it matches the reference's window bit for bit)."""
+    n = np.arange(length, dtype=np.float32)
+    return (0.5 * (1 - np.cos(2 * np.pi * n / length))).astype(np.float32)
+
+
+# ---- waveform preparation -----------------------------------------------------------------------------------
+
+
+def decode_audio_file(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+    """Decode wav / flac / ogg / mp3 (or bytes, or an http(s) URL) at its native rate: ([channels,] samples), rate."""
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        import librosa  # lazy: only needed to decode files
+    except ImportError as e:
+        raise ImportError(f"decoding audio file {name!r} needs librosa (pip install librosa)") from e
+    target: Any = source
+    if isinstance(source, (bytes, bytearray)):
+        target = io.BytesIO(bytes(source))
+    elif isinstance(source, str) and source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=URL_TIMEOUT_S) as response:
+                target = io.BytesIO(response.read())
+        except Exception as e:
+            raise OSError(f"cannot fetch audio {name!r}: {e}") from e
+    else:
+        path = Path(source)
+        if isinstance(source, str) and source.startswith("file://"):
+            path = Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path))
+        if not path.is_file():
+            raise FileNotFoundError(f"audio file not found: {str(path)!r}")
+        target = str(path)
+    try:
+        array, rate = librosa.load(target, sr=None, mono=False)
+    except Exception as e:
+        raise OSError(f"cannot decode audio file {name!r}: {e}") from e
+    return array, int(rate)
+
+
+def _as_float_tensor(array: Any, name: str) -> torch.Tensor:
+    """Samples as float32; integer PCM is scaled to [-1, 1] (int16 / 32768, ...)."""
+    if isinstance(array, torch.Tensor):
+        tensor = array.detach().cpu()
+    else:
+        np_array = np.asarray(array)
+        if np_array.dtype == object or np_array.dtype.kind not in "biuf":
+            raise TypeError(f"{name}: audio must be numeric samples, got dtype {np_array.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(np_array))
+    if tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{name}: audio samples must be real numbers, got {tensor.dtype}")
+    if tensor.dtype == torch.uint8:
+        return (tensor.to(torch.float32) - 128.0) / 128.0
+    if not tensor.dtype.is_floating_point:
+        scale = float(2 ** (torch.iinfo(tensor.dtype).bits - 1))
+        return tensor.to(torch.float64).div(scale).to(torch.float32)
+    return tensor.to(torch.float32)
+
+
+def to_mono(wave: torch.Tensor, name: str) -> torch.Tensor:
+    """[samples] or [channels, samples] / [samples, channels] (the shorter axis is channels) -> [samples]."""
+    if wave.dim() == 1:
+        return wave
+    if wave.dim() != 2:
+        raise ValueError(f"{name}: audio must be 1-D (mono) or 2-D (multi-channel), got shape {tuple(wave.shape)}")
+    channel_axis = 0 if wave.shape[0] <= wave.shape[1] else 1
+    return wave.mean(dim=channel_axis)
+
+
+def prepare_waveform(item: Any, sampling_rate: int | None, target_rate: int, name: str = "audio") -> torch.Tensor:
+    """One clip in any accepted form -> mono float32 [samples] at `target_rate`.
+
+    Accepted: a path / URL / bytes (decoded with librosa), {"array" or "raw": samples, "sampling_rate": r} (also
+    {"path": ...}), or samples (numpy array, torch tensor, list of floats) at `sampling_rate` (default 16 kHz).
+    """
+    rate = sampling_rate
+    if isinstance(item, dict):
+        if "path" in item and not any(k in item for k in ("array", "raw")):
+            item = item["path"]
+        else:
+            key = "array" if "array" in item else "raw" if "raw" in item else None
+            if key is None:
+                raise ValueError(f'{name}: an audio dict needs "array" (or "raw") and "sampling_rate" keys')
+            rate = item.get("sampling_rate", rate)
+            item = item[key]
+    if isinstance(item, (str, Path, bytes, bytearray)):
+        label = "<bytes>" if isinstance(item, (bytes, bytearray)) else str(item)
+        name = f"{name} ({label})"
+        item, rate = decode_audio_file(item)
+    wave = to_mono(_as_float_tensor(item, name), name)
+    if wave.numel() == 0:
+        raise ValueError(f"{name}: the clip is empty")
+    finite = np.isfinite(wave.numpy())
+    if not finite.all():
+        raise ValueError(f"{name}: {int((~finite).sum())} samples are NaN or infinite")
+    rate = target_rate if rate is None else rate
+    if isinstance(rate, float) and rate.is_integer():
+        rate = int(rate)
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+        raise ValueError(f"{name}: sampling_rate must be a positive integer, got {rate!r}")
+    if rate != target_rate:
+        wave = AF.resample(wave, rate, target_rate)
+    return wave
+
+
+# ---- features -----------------------------------------------------------------------------------------------
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+class AudioFeatureExtractor:
+    """Batched log-mel features: `extractor(waveforms)` -> (input_features [B, F, M], input_features_mask [B, F])."""
+
+    def __init__(self, settings: AudioSettings | None = None, fft_backend: str = "auto"):
+        if fft_backend not in ("auto", "numpy", "torch"):
+            raise ValueError(f"fft_backend must be 'auto', 'numpy' or 'torch', got {fft_backend!r}")
+        self.settings = settings or AudioSettings()
+        self.fft_backend = fft_backend
+        s = self.settings
+        self.window = torch.from_numpy(hann_window(s.frame_length))  # [frame_length]
+        self.mel_filters = torch.from_numpy(mel_filter_bank(s).astype(np.float32))  # [n_fft // 2 + 1, n_mels]
+        self.per_bin_mean = None if s.per_bin_mean is None else torch.tensor(s.per_bin_mean, dtype=torch.float32)
+        self.per_bin_stddev = None if s.per_bin_stddev is None else torch.tensor(s.per_bin_stddev, dtype=torch.float32)
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.settings.sampling_rate
+
+    def prepare(self, audio: list[Any], sampling_rate: int | None = None) -> list[torch.Tensor]:
+        """Decode / mix / resample each clip to mono float32 at the extractor's rate."""
+        return [prepare_waveform(a, sampling_rate, self.sampling_rate, f"audio {i}") for i, a in enumerate(audio)]
+
+    def pad_batch(
+        self,
+        waveforms: list[torch.Tensor],
+        max_length: int | None = 480_000,
+        truncation: bool = True,
+        pad_to_multiple_of: int | None = 128,
+        padding: bool | str = "longest",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncate, pad and stack: ([B, T] samples, [B, T] bool sample mask), with the reference's length rules
+        (the cap is rounded up to the multiple first; the padded length is always a multiple)."""
+        if not waveforms:
+            raise ValueError("no audio given")
+        limit = None
+        if truncation:
+            if max_length is None:
+                raise ValueError("truncation=True needs max_length")
+            limit = _round_up(max_length, pad_to_multiple_of)
+        lengths = [w.shape[-1] if limit is None else min(w.shape[-1], limit) for w in waveforms]
+        if padding in (True, "longest"):
+            target = _round_up(max(lengths), pad_to_multiple_of)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            target = _round_up(max(max(lengths), max_length), pad_to_multiple_of)
+        else:
+            raise ValueError(f"audio padding must be True, 'longest' or 'max_length', got {padding!r}")
+        s = self.settings
+        # numpy for these cheap copies: no thread-pool start-up cost per call
+        batch = np.full((len(waveforms), target), s.padding_value, dtype=np.float32)
+        sample_mask = np.zeros((len(waveforms), target), dtype=np.bool_)
+        for row, (wave, n) in enumerate(zip(waveforms, lengths, strict=True)):
+            span = slice(0, n) if s.padding_side == "right" else slice(target - n, target)
+            batch[row, span] = wave[:n].detach().cpu().to(torch.float32).numpy()
+            sample_mask[row, span] = True
+        return torch.from_numpy(batch), torch.from_numpy(sample_mask)
+
+    def __call__(
+        self,
+        waveforms: list[torch.Tensor],
+        max_length: int | None = 480_000,
+        truncation: bool = True,
+        pad_to_multiple_of: int | None = 128,
+        padding: bool | str = "longest",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mono 16 kHz float32 clips -> (features [B, F, n_mels] float32, mask [B, F] bool)."""
+        batch, sample_mask = self.pad_batch(waveforms, max_length, truncation, pad_to_multiple_of, padding)
+        return self.features(batch, sample_mask)
+
+    def features(self, batch: torch.Tensor, sample_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel features of a padded batch [B, T] (see the module docstring for the steps)."""
+        s = self.settings
+        frame, hop = s.frame_length, s.hop_length
+        n_frames = (batch.shape[-1] - (frame + 1)) // hop + 1
+        if n_frames <= 0:
+            raise ValueError(
+                f"audio too short: {int(sample_mask.sum(-1).max())} samples, but one frame needs {frame + 1} "
+                f"samples ({1000 * (frame + 1) / s.sampling_rate:.1f} ms at {s.sampling_rate} Hz)"
+            )
+        if s.dither > 0:
+            batch = batch + s.dither * torch.randn_like(batch)
+        if s.input_scale_factor != 1.0:
+            batch = batch * s.input_scale_factor
+        features = torch.empty(batch.shape[0], n_frames, s.feature_size, device=batch.device)  # [B, F, n_mels]
+        use_torch_fft = self.fft_backend == "torch" or batch.device.type != "cpu"  # numpy FFT needs CPU memory
+        if batch.device.type != "cpu":
+            self._log_mel(batch, 0, n_frames, features, use_torch_fft)
+        else:
+            # Chunks of frames keep the FFT working set in cache; both FFTs release the GIL, so the chunks run in
+            # parallel on torch's thread budget.
+            step = _FRAMES_PER_CHUNK
+            chunks = [(f, min(f + step, n_frames)) for f in range(0, n_frames, step)]
+            workers = min(torch.get_num_threads(), len(chunks))
+            if workers > 1:
+                with ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(lambda c: self._log_mel(batch, *c, features, use_torch_fft), chunks))
+            else:
+                for c in chunks:
+                    self._log_mel(batch, *c, features, use_torch_fft)
+        if self.per_bin_mean is not None:
+            features -= self.per_bin_mean.to(features.device)
+        if self.per_bin_stddev is not None:
+            features /= self.per_bin_stddev.to(features.device)
+        mask = sample_mask[:, ::hop][:, :n_frames]  # frame f is valid iff its first sample is real
+        return features, mask
+
+    def _log_mel(self, batch: torch.Tensor, first: int, end: int, out: torch.Tensor, use_torch_fft: bool) -> None:
+        """Write the log-mel features of frames [first, end) of every clip into out[:, first:end]."""
+        s = self.settings
+        frame, hop, p = s.frame_length, s.hop_length, s.preemphasis
+        n = end - first
+        window = self.window.to(batch.device)
+        x = batch[:, first * hop : (end - 1) * hop + frame + 1]  # [B, S] the samples these frames use
+        frames = torch.empty(batch.shape[0], n, frame, device=batch.device)  # [B, n, frame]
+        if p <= 0:
+            torch.mul(x.unfold(-1, frame, hop)[:, :n], window, out=frames)
+        else:
+            # Pre-emphasis once over the chunk, frames as views into it: the same float32 operations as the
+            # reference's per-frame pre-emphasis, so the frames agree bit for bit.
+            emphasized = x[:, 1:] - p * x[:, :-1]  # emphasized[i] = x[i + 1] - p x[i]
+            if s.preemphasis_htk_flavor:
+                # frame at t: [x[t] (1 - p), x[t+1] - p x[t], ..., x[t+frame-1] - p x[t+frame-2]]
+                torch.mul(emphasized.unfold(-1, frame - 1, hop)[:, :n], window[1:], out=frames[..., 1:])
+                torch.mul(x[:, ::hop][:, :n] * (1.0 - p), window[0], out=frames[..., 0])
+            else:
+                # frame at t: x[t+1 .. t+frame] - p x[t .. t+frame-1]
+                torch.mul(emphasized.unfold(-1, frame, hop)[:, :n], window, out=frames)
+        if use_torch_fft:
+            magnitude = torch.fft.rfft(frames, n=s.fft_length).abs()
+        else:  # numpy's pocketfft: complex64 results bit-identical to the reference's
+            magnitude = torch.from_numpy(np.abs(np.fft.rfft(frames.numpy(), n=s.fft_length, axis=-1)))
+        mel = torch.matmul(magnitude, self.mel_filters.to(magnitude.device))  # [B, n, n_mels]
+        out[:, first:end] = torch.log(mel.clamp_min_(s.mel_floor))

@@ -1,0 +1,395 @@
+"""Gemma 3n processor: conversations / text + images + audio -> the model's input tensors.
+
+    processor = Processor.from_pretrained("path/to/checkpoint")
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    # or: processor(text=prompt, images=[image], audio=[waveform], return_tensors="pt")
+
+Each `<image_soft_token>` placeholder in the prompt becomes "\\n\\n<start_of_image>" + image_seq_length soft tokens
++ "<end_of_image>\\n\\n" (audio likewise with <start_of_audio> / <end_of_audio> and audio_seq_length), exactly as
+the reference Gemma3nProcessor expands them, before tokenization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .audio import AudioFeatureExtractor, AudioSettings
+from .chat import ChatTemplate, find_template
+from .files import ConfigError, get_int, get_section, read_json
+from .image import ImageProcessor, ImageSettings
+from .tokenizer import Tokenizer
+
+IMAGE_PROCESSOR_TYPES = ("SiglipImageProcessor", "SiglipImageProcessorFast")
+FEATURE_EXTRACTOR_TYPES = ("Gemma3nAudioFeatureExtractor",)
+PROCESSOR_CLASSES = ("Gemma3nProcessor",)
+
+
+class BatchInputs(dict):
+    """Model inputs: a dict (input_ids, attention_mask, pixel_values, input_features, input_features_mask, ...)
+    with attribute access and `.to(device, dtype)` (dtype applies to floating-point tensors only)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> BatchInputs:
+        out = BatchInputs()
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(
+                    device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None
+                )
+            out[key] = value
+        return out
+
+
+def _check_type(data: dict, key: str, allowed: Sequence[str], source: str) -> None:
+    value = data.get(key)
+    if value is not None and value not in allowed:
+        raise ConfigError(f'{source}: "{key}" is {value!r}; expected one of {", ".join(allowed)}')
+
+
+def _flatten_images(images: Any) -> tuple[list[Any], list[int] | None]:
+    """Images as a flat list plus per-prompt counts when the input was nested per prompt ([[...], [...]])."""
+    if images is None:
+        return [], None
+    if isinstance(images, (list, tuple)):
+        if images and all(isinstance(group, (list, tuple)) for group in images):
+            return [im for group in images for im in group], [len(group) for group in images]
+        return list(images), None
+    return [images], None
+
+
+def _flatten_audio(audio: Any) -> list[Any]:
+    """A single clip (1-D samples, path, dict) or a batch (list of clips, or a 2-D array = one mono clip per row)."""
+    if audio is None:
+        return []
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        return list(audio) if audio.ndim == 2 else [audio]
+    if isinstance(audio, (list, tuple)):
+        if audio and all(isinstance(a, (int, float)) for a in audio):
+            return [np.asarray(audio, dtype=np.float32)]  # one clip given as a list of numbers
+        return list(audio)
+    return [audio]
+
+
+class Processor:
+    """Tokenizer + chat template + image processor + audio feature extractor for Gemma 3n."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor | None = None,
+        feature_extractor: AudioFeatureExtractor | None = None,
+        chat_template: ChatTemplate | None = None,
+        image_seq_length: int = 256,
+        audio_seq_length: int = 188,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor or ImageProcessor()
+        self.feature_extractor = feature_extractor or AudioFeatureExtractor()
+        self.chat_template = chat_template
+        self.image_seq_length = image_seq_length
+        self.audio_seq_length = audio_seq_length
+        t = tokenizer
+        self.full_image_sequence = f"\n\n{t.boi_token}{t.image_token * image_seq_length}{t.eoi_token}\n\n"
+        self.full_audio_sequence = f"\n\n{t.boa_token}{t.audio_token * audio_seq_length}{t.eoa_token}\n\n"
+
+    # ---- loading --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Processor:
+        """Read a checkpoint's processor files.
+
+        Tokenizer: tokenizer.json (+ tokenizer_config.json / special_tokens_map.json). Chat template:
+        chat_template.jinja, chat_template.json, tokenizer_config.json, else the default in gemma3n/templates.
+        Image / audio settings: the `image_processor` / `feature_extractor` sections of processor_config.json,
+        or the published layout (one flat preprocessor_config.json with both, beside a processor_config.json
+        holding image_seq_length / audio_seq_length). Without any of these files, the published values are used.
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"processor directory not found: {str(directory)!r}")
+        processor_file = directory / "processor_config.json"
+        processor_config = read_json(processor_file) if processor_file.is_file() else {}
+        psource = processor_file.name
+        _check_type(processor_config, "processor_class", PROCESSOR_CLASSES, psource)
+        image_section = get_section(processor_config, "image_processor", psource)
+        audio_section = get_section(processor_config, "feature_extractor", psource)
+        image_source = f"{psource} (image_processor)"
+        audio_source = f"{psource} (feature_extractor)"
+        preprocessor_file = directory / "preprocessor_config.json"
+        if (image_section is None or audio_section is None) and preprocessor_file.is_file():
+            flat = read_json(preprocessor_file)
+            if image_section is None:
+                image_section, image_source = flat, preprocessor_file.name
+            if audio_section is None:
+                audio_section, audio_source = flat, preprocessor_file.name
+
+        image_settings = ImageSettings()
+        if image_section is not None:
+            _check_type(image_section, "image_processor_type", IMAGE_PROCESSOR_TYPES, image_source)
+            image_settings = ImageSettings.from_dict(image_section, image_source)
+        audio_settings = AudioSettings()
+        if audio_section is not None:
+            _check_type(audio_section, "feature_extractor_type", FEATURE_EXTRACTOR_TYPES, audio_source)
+            audio_settings = AudioSettings.from_dict(audio_section, audio_source)
+
+        template_text, template_source = find_template(directory)
+        image_seq_length = get_int(processor_config, "image_seq_length", 256, psource, minimum=1)
+        audio_seq_length = get_int(processor_config, "audio_seq_length", 188, psource, minimum=1)
+        return cls(
+            Tokenizer.from_pretrained(directory),  # last: the slowest part, after the cheap checks
+            ImageProcessor(image_settings),
+            AudioFeatureExtractor(audio_settings),
+            ChatTemplate(template_text, template_source),
+            image_seq_length=image_seq_length,
+            audio_seq_length=audio_seq_length,
+        )
+
+    # ---- token texts / ids ----------------------------------------------------------------------------------
+
+    @property
+    def image_token(self) -> str:
+        return self.tokenizer.image_token
+
+    @property
+    def audio_token(self) -> str:
+        return self.tokenizer.audio_token
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.image_token_id
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.tokenizer.audio_token_id
+
+    # ---- main call ------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Any = None,
+        audio: Any = None,
+        *,
+        sampling_rate: int | None = None,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+        return_token_type_ids: bool = False,
+        audio_max_length: int | None = 480_000,
+        audio_truncation: bool = True,
+    ) -> BatchInputs:
+        """Tokenize prompts and preprocess their images / audio.
+
+        text: one prompt or a list; each `<image_soft_token>` / `<audio_soft_token>` marks where one image / clip
+            goes (in order). images: one image, a flat list, or one list per prompt. audio: one clip or a list
+            (arrays/tensors at `sampling_rate`, default 16 kHz; {"array", "sampling_rate"} dicts; file paths).
+        padding: True / "longest" (default), "max_length" (with max_length) or False; batches are padded on
+            `padding_side` (default: the tokenizer's, left for Gemma). return_tensors: "pt", "np" or None (lists).
+        """
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        image_list, per_prompt = _flatten_images(images)
+        audio_list = _flatten_audio(audio)
+        if text is None:
+            if not image_list and not audio_list:
+                raise ValueError("provide at least one of text, images or audio")
+            if per_prompt is not None:  # one prompt of placeholders per image group, as the reference does
+                text = [" ".join([self.image_token] * n) for n in per_prompt]
+            else:
+                text = [" ".join([self.image_token] * len(image_list) + [self.audio_token] * len(audio_list))]
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("text must be a string or a list of strings")
+
+        self._check_counts(prompts, image_list, per_prompt, audio_list)
+        expanded = [
+            p.replace(self.audio_token, self.full_audio_sequence).replace(self.image_token, self.full_image_sequence)
+            for p in prompts
+        ]
+        batch_ids = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
+        out = BatchInputs(self._pad(batch_ids, padding, padding_side, max_length, return_tensors))
+        if return_token_type_ids:
+            ids = out["input_ids"]
+            ids_t = torch.as_tensor(ids) if not isinstance(ids, list) else None
+            if ids_t is not None:
+                types = torch.zeros_like(ids_t)
+                types[ids_t == self.image_token_id] = 1
+                types[ids_t == self.audio_token_id] = 3
+                out["token_type_ids"] = types if return_tensors == "pt" else types.numpy()
+            else:
+                kinds = {self.image_token_id: 1, self.audio_token_id: 3}
+                out["token_type_ids"] = [[kinds.get(i, 0) for i in row] for row in ids]
+
+        if image_list:
+            pixel_values = self.image_processor(image_list)  # [n_images, 3, H, W]
+            out["pixel_values"] = pixel_values.numpy() if return_tensors == "np" else pixel_values
+        if audio_list:
+            waves = self.feature_extractor.prepare(audio_list, sampling_rate)
+            features, mask = self.feature_extractor(waves, max_length=audio_max_length, truncation=audio_truncation)
+            if return_tensors == "np":
+                features, mask = features.numpy(), mask.numpy()
+            out["input_features"] = features  # [n_audio, frames, 128]
+            out["input_features_mask"] = mask  # [n_audio, frames] bool
+        return out
+
+    def _check_counts(
+        self, prompts: list[str], images: list[Any], per_prompt: list[int] | None, audio: list[Any]
+    ) -> None:
+        image_marks = [p.count(self.image_token) for p in prompts]
+        audio_marks = sum(p.count(self.audio_token) for p in prompts)
+        if per_prompt is not None:
+            if len(per_prompt) != len(prompts):
+                raise ValueError(f"got image lists for {len(per_prompt)} prompts but {len(prompts)} prompts")
+            for i, (marks, n) in enumerate(zip(image_marks, per_prompt, strict=True)):
+                if marks != n:
+                    raise ValueError(f"prompt {i} has {marks} image placeholders ({self.image_token}) but {n} images")
+        elif sum(image_marks) != len(images):
+            raise ValueError(
+                f"the text has {sum(image_marks)} image placeholders ({self.image_token}) but {len(images)} images "
+                "were given"
+            )
+        if audio_marks != len(audio):
+            raise ValueError(
+                f"the text has {audio_marks} audio placeholders ({self.audio_token}) but {len(audio)} audio clips "
+                "were given"
+            )
+
+    def _pad(
+        self,
+        batch_ids: list[list[int]],
+        padding: bool | str,
+        padding_side: str | None,
+        max_length: int | None,
+        return_tensors: str | None,
+    ) -> dict[str, Any]:
+        lengths = {len(ids) for ids in batch_ids}
+        if padding in (False, "do_not_pad"):
+            if return_tensors is None:
+                return {"input_ids": batch_ids, "attention_mask": [[1] * len(ids) for ids in batch_ids]}
+            if len(lengths) > 1:
+                raise ValueError("prompts have different lengths; use padding=True to return tensors")
+            length = None
+        elif padding in (True, "longest"):
+            length = None
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            length = max_length
+        else:
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        input_ids, attention_mask = self.tokenizer.pad(batch_ids, padding_side=padding_side, length=length)
+        if return_tensors == "np":
+            return {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        if return_tensors is None:
+            return {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist()}
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ---- chat -----------------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors: str | None = None,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        processor_kwargs: dict | None = None,
+        **template_kwargs: Any,
+    ) -> Any:
+        """Render one conversation (list of messages) or a batch (list of conversations).
+
+        tokenize=False: the prompt text (or list of texts). tokenize=True: input ids, or with return_dict=True the
+        full model inputs, loading the images / audio the messages reference ({"type": "image", "image": PIL |
+        path | url}, {"type": "image", "url" | "path" | "base64": ...}, {"type": "audio", "audio": array | path |
+        dict}, {"type": "audio", "url" | "path": ...}). As in the reference, BOS is not added a second time when
+        the rendered prompt already starts with it.
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        template = ChatTemplate(chat_template, "chat_template argument") if chat_template else self.chat_template
+        if template is None:
+            raise ValueError("this processor has no chat template")
+        variables = {
+            "bos_token": self.tokenizer.bos_token,
+            "eos_token": self.tokenizer.eos_token,
+            "pad_token": self.tokenizer.pad_token,
+            "unk_token": self.tokenizer.unk_token,
+            "image_token": self.tokenizer.image_token,
+            "audio_token": self.tokenizer.audio_token,
+            **template_kwargs,
+        }
+        prompts = [
+            template.render(
+                conv,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **variables,
+            )
+            for conv in conversations
+        ]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+
+        batch_images: list[list[Any]] = []
+        audio: list[Any] = []
+        for conv in conversations:
+            images_here = []
+            for message in conv:
+                content = message.get("content")
+                if not isinstance(content, (list, tuple)):
+                    continue
+                for part in content:
+                    if not isinstance(part, dict):
+                        continue
+                    if part.get("type") == "image":
+                        images_here.extend(part[k] for k in ("image", "url", "path", "base64") if k in part)
+                    elif part.get("type") == "image_url" and "image_url" in part:
+                        url = part["image_url"]
+                        images_here.append(url.get("url") if isinstance(url, dict) else url)
+                    elif part.get("type") == "audio":
+                        audio.extend(part[k] for k in ("audio", "url", "path") if k in part)
+            batch_images.append(images_here)
+
+        kwargs = dict(processor_kwargs or {})
+        if prompts[0].startswith(self.tokenizer.bos_token):
+            kwargs.setdefault("add_special_tokens", False)
+        kwargs.setdefault("return_tensors", return_tensors)
+        has_images = any(batch_images)
+        out = self(
+            text=prompts,
+            images=batch_images if has_images else None,
+            audio=audio or None,
+            **kwargs,
+        )
+        return out if return_dict else out["input_ids"]
+
+    # ---- decoding -------------------------------------------------------------------------------------------
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        s = self.image_processor.settings
+        template = self.chat_template.source if self.chat_template else None
+        return (
+            f"Processor({self.tokenizer!r}, image={s.height}x{s.width}, image_seq_length={self.image_seq_length}, "
+            f"audio_seq_length={self.audio_seq_length}, chat_template={template!r})"
+        )
