@@ -1,0 +1,89 @@
+"""Task pipelines with transformers' call signatures and output keys, so scripts port by changing one import.
+
+    import gemma3n
+    pipe = gemma3n.pipeline("image-text-to-text", model="path/to/gemma-3n-E2B-it", device="cuda", dtype="bfloat16")
+    pipe(text=[{"role": "user", "content": [{"type": "image", "url": "cat.jpg"}, {"type": "text", "text": "Hi"}]}])
+
+Tasks: "image-text-to-text", "automatic-speech-recognition", "text-generation", "image-to-text".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .automatic_speech_recognition import AutomaticSpeechRecognitionPipeline
+from .base import Pipeline
+from .checkpoints import ModelNotFoundError, resolve_checkpoint
+from .image_text_to_text import ImageTextToTextPipeline
+from .image_to_text import ImageToTextPipeline
+from .text_generation import TextGenerationPipeline
+
+TASKS: dict[str, type[Pipeline]] = {
+    "image-text-to-text": ImageTextToTextPipeline,
+    "automatic-speech-recognition": AutomaticSpeechRecognitionPipeline,
+    "text-generation": TextGenerationPipeline,
+    "image-to-text": ImageToTextPipeline,
+}
+ALIASES = {"asr": "automatic-speech-recognition", "captioning": "image-to-text"}
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pipeline(
+    task: str,
+    model: Any = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    batch_size: int = 1,
+    processor: Any = None,
+    progress: bool | None = None,
+    **defaults: Any,
+) -> Pipeline:
+    """A ready-to-call pipeline for ``task``.
+
+    model: a checkpoint directory, a hub id (via huggingface_hub's cache), ``"tiny-random"``, or an already loaded
+        :class:`gemma3n.Gemma3n` (moved to ``device`` / ``dtype`` when those are given).
+    device: default CUDA when available, else CPU. dtype: default the checkpoint's own (bfloat16 as published).
+    batch_size: prompts generated together in one left-padded batch.
+    defaults: generation settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``stop_strings``, ``seed``, ``generate_kwargs={...}``) and task settings (``return_full_text``, ``prompt``,
+        ``instruction``, ...) used by every call unless the call overrides them.
+    """
+    name = ALIASES.get(task, task)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    if model is None:
+        raise ValueError(f"pipeline({task!r}) needs model=: a checkpoint directory, a hub id or 'tiny-random'")
+    if isinstance(model, (str, Path)):
+        from ..model import load
+
+        path = resolve_checkpoint(model)
+        model = load(path, device=device or default_device(), dtype=dtype, text_only=name == "text-generation")
+    elif isinstance(model, torch.nn.Module):
+        if device is not None or dtype is not None:
+            from ..model import resolve_dtype
+
+            model = model.to(device=device, dtype=resolve_dtype(dtype))
+    else:
+        raise TypeError(f"model must be a path, a hub id or a loaded Gemma3n, got {type(model).__name__}")
+    return TASKS[name](model, processor, batch_size=batch_size, progress=progress, **defaults)
+
+
+__all__ = [
+    "AutomaticSpeechRecognitionPipeline",
+    "ImageTextToTextPipeline",
+    "ImageToTextPipeline",
+    "ModelNotFoundError",
+    "Pipeline",
+    "TASKS",
+    "TextGenerationPipeline",
+    "pipeline",
+    "resolve_checkpoint",
+]
