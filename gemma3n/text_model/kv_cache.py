@@ -67,7 +67,8 @@ def build_mask(
 ) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, T, Lk]`` (True = attend).
 
-    query_pos [T] and key_pos [Lk] are absolute positions (key_pos -1 = empty slot); key_valid [B, Lk] marks real tokens.
+    query_pos [T] and key_pos [Lk] are absolute positions (key_pos -1 = empty slot);
+    key_valid [B, Lk] marks real tokens.
     A query always sees its own key, so padded queries never produce NaN (their outputs are ignored anyway).
     """
     q = query_pos[:, None]
