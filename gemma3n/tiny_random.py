@@ -167,9 +167,7 @@ def build_tiny_random(directory: str | Path, *, seed: int = SEED) -> Path:
             image_seq_length=VISION_SOFT_TOKENS,
             audio_seq_length=AUDIO_SOFT_TOKENS,
         )
-        tensors = random_tensors(
-            config, seed, silent_ids=non_word_token_ids(staging / "tokenizer.json", keep=[1, 106])
-        )
+        tensors = random_tensors(config, seed, silent_ids=non_word_token_ids(staging / "tokenizer.json", keep=[1, 106]))
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             str(staging / "model.safetensors"),

@@ -122,6 +122,14 @@ def test_nested_processor_config_layout(tmp_path):
     assert int((out["input_ids"] == processor.audio_token_id).sum()) == 5
 
 
+def test_processor_from_components_uses_defaults():
+    processor = Processor(our_processor().tokenizer)  # published image / audio settings, default template
+    assert processor.image_processor.settings.height == 768 and processor.feature_extractor.sampling_rate == 16000
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Caption?"}]}]
+    expected = reference_processor().apply_chat_template(messages, add_generation_prompt=True)
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == expected
+
+
 def test_batch_inputs_move_and_cast():
     out = our_processor()(text="<image_soft_token>", images=[np.zeros((8, 8, 3), np.uint8)])
     moved = out.to("cpu", dtype=torch.bfloat16)

@@ -85,6 +85,9 @@ def test_arrays_and_tensors_match_reference():
     assert torch.equal(ours[0], from_pil[0]) and torch.equal(ours[2], from_pil[0]) and torch.equal(ours[3], from_pil[0])
     # (the uint8 kernel rounds internally, the float path does not: at most about one grey level apart)
     assert (ours[1] - from_pil[0]).abs().max() <= 1.5 / 255
+    # A stacked 4-D array is a batch of images.
+    stacked = our_processor()(text=f"{IMAGE} {IMAGE}", images=np.stack([hwc, hwc]))["pixel_values"]
+    assert torch.equal(stacked, torch.cat([from_pil, from_pil]))
 
 
 def test_grey_arrays_become_rgb():

@@ -3,7 +3,9 @@ loaded from them with transformers, our processor, and the published Gemma 3n ch
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -64,6 +66,7 @@ def tiny_dir(image_size: tuple[int, int] = TEST_IMAGE_SIZE, published_template: 
     """Tiny processor files (published layout). By default the published template replaces ours in
     chat_template.jinja so that the reference processor renders with the real Gemma 3n template."""
     directory = Path(tempfile.mkdtemp(prefix="gemma3n_tiny_processor_"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     write_tiny_processor_files(directory, image_size=image_size)
     if published_template:
         (directory / "chat_template.jinja").write_text(PUBLISHED_TEMPLATE, encoding="utf-8")

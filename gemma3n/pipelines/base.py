@@ -234,7 +234,8 @@ class Pipeline:
             finished = bool(ends)
             if finished:
                 tokens = tokens[: ends[0] + 1]
-            limit_reached = not finished and len(tokens) >= config.max_new_tokens
+            # A row stopped by a stop string is padded while the others go on: that is not the limit.
+            limit_reached = not finished and len(tokens) >= config.max_new_tokens and tokens[-1] != config.pad_token_id
             results.append(Generated(prompts[row], input_ids[row][mask[row]].tolist(), tokens, finished, limit_reached))
         return results
 
@@ -293,7 +294,6 @@ class Pipeline:
                     batch, pending = pending[:batch_size], pending[batch_size:]
                     self._run_batch(batch, gen, outputs)
                     yield from finished_items()
-                yield from finished_items()  # inputs with no prompts at all
             if pending:
                 self._run_batch(pending, gen, outputs)
             yield from finished_items()
@@ -304,11 +304,9 @@ class Pipeline:
             outputs.setdefault(index, []).append(result)
 
     def _progress_bar(self, total: int | None, batch_size: int, progress: bool | None) -> Any:
+        from tqdm.auto import tqdm
+
         show = progress if progress is not None else (_stderr_is_tty() and (total is None or total > batch_size))
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # tqdm is a dependency, but a progress bar is never worth a crash
-            return _NoBar()
         return tqdm(total=total, disable=not show, desc=self.task, unit="input", file=sys.stderr, leave=False)
 
     # ---- streaming ----------------------------------------------------------------------------------------------
@@ -335,17 +333,6 @@ class Pipeline:
     def __repr__(self) -> str:
         path = getattr(self.model, "path", None)
         return f"{type(self).__name__}(task={self.task!r}, model={str(path) if path else 'in memory'!r})"
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def update(self, n: int = 1) -> None:
-        return None
 
 
 def _config_part(gen: dict[str, Any]) -> dict[str, Any]:

@@ -252,7 +252,11 @@ def _round_up(n: int, multiple: int | None) -> int:
 
 
 class AudioFeatureExtractor:
-    """Batched log-mel features: `extractor(waveforms)` -> (input_features [B, F, M], input_features_mask [B, F])."""
+    """Batched log-mel features: `extractor(waveforms)` -> (input_features [B, F, M], input_features_mask [B, F]).
+
+    fft_backend: "auto" / "numpy" use numpy's FFT for CPU tensors (bit-identical to the reference); "torch" uses
+    torch.fft everywhere (tensors on other devices always use torch.fft).
+    """
 
     def __init__(self, settings: AudioSettings | None = None, fft_backend: str = "auto"):
         if fft_backend not in ("auto", "numpy", "torch"):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .audio import AudioFeatureExtractor, AudioSettings
-from .chat import ChatTemplate, find_template
+from .chat import ChatTemplate, default_template_text, find_template
 from .files import ConfigError, get_int, get_section, read_json
 from .image import ImageProcessor, ImageSettings
 from .tokenizer import Tokenizer
@@ -61,6 +61,8 @@ def _flatten_images(images: Any) -> tuple[list[Any], list[int] | None]:
     """Images as a flat list plus per-prompt counts when the input was nested per prompt ([[...], [...]])."""
     if images is None:
         return [], None
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:  # a stacked batch of images
+        return list(images), None
     if isinstance(images, (list, tuple)):
         if images and all(isinstance(group, (list, tuple)) for group in images):
             return [im for group in images for im in group], [len(group) for group in images]
@@ -96,7 +98,7 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor or ImageProcessor()
         self.feature_extractor = feature_extractor or AudioFeatureExtractor()
-        self.chat_template = chat_template
+        self.chat_template = chat_template or ChatTemplate(default_template_text(), "gemma3n default template")
         self.image_seq_length = image_seq_length
         self.audio_seq_length = audio_seq_length
         t = tokenizer
@@ -322,8 +324,6 @@ class Processor:
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
         template = ChatTemplate(chat_template, "chat_template argument") if chat_template else self.chat_template
-        if template is None:
-            raise ValueError("this processor has no chat template")
         variables = {
             "bos_token": self.tokenizer.bos_token,
             "eos_token": self.tokenizer.eos_token,
@@ -388,7 +388,7 @@ class Processor:
 
     def __repr__(self) -> str:
         s = self.image_processor.settings
-        template = self.chat_template.source if self.chat_template else None
+        template = self.chat_template.source
         return (
             f"Processor({self.tokenizer!r}, image={s.height}x{s.width}, image_seq_length={self.image_seq_length}, "
             f"audio_seq_length={self.audio_seq_length}, chat_template={template!r})"
