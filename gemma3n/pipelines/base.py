@@ -208,13 +208,9 @@ class Pipeline:
     def postprocess(self, item: Any, outputs: list[Generated], settings: dict[str, Any]) -> Any:
         raise NotImplementedError
 
-    def forward(self, prompts: Sequence[Prompt], gen: dict[str, Any]) -> list[Generated]:
-        """Generate for a batch of prompts at once: one processor call (left padding) and one ``generate``."""
-        inputs = self.model_inputs(prompts)
-        input_ids = inputs["input_ids"]
-        config = self.generation_config.updated(**_config_part(gen))
-        sequences = self.model.generate(
-            input_ids,
+    def _generate_arguments(self, inputs: dict[str, Any], config: GenerationConfig, gen: dict[str, Any]) -> dict:
+        """Keyword arguments for generate / stream_generate shared by batched and streamed runs."""
+        return dict(
             attention_mask=inputs.get("attention_mask"),
             pixel_values=inputs.get("pixel_values"),
             input_features=inputs.get("input_features"),
@@ -223,6 +219,16 @@ class Pipeline:
             seed=gen.get("seed"),
             generator=gen.get("generator"),
             tokenizer=self.processor,
+        )
+
+    def forward(self, prompts: Sequence[Prompt], gen: dict[str, Any]) -> list[Generated]:
+        """Generate for a batch of prompts at once: one processor call (left padding) and one ``generate``."""
+        inputs = self.model_inputs(prompts)
+        input_ids = inputs["input_ids"]
+        config = self.generation_config.updated(**_config_part(gen))
+        sequences = self.model.generate(
+            input_ids,
+            **self._generate_arguments(inputs, config, gen),
         )
         mask = inputs["attention_mask"].bool().cpu()
         new = sequences[:, input_ids.shape[1] :].cpu()
@@ -317,14 +323,7 @@ class Pipeline:
         yield from stream_generate(
             self.model,
             inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            pixel_values=inputs.get("pixel_values"),
-            input_features=inputs.get("input_features"),
-            input_features_mask=inputs.get("input_features_mask"),
-            generation_config=config,
-            seed=gen.get("seed"),
-            generator=gen.get("generator"),
-            tokenizer=self.processor,
+            **self._generate_arguments(inputs, config, gen),
         )
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
