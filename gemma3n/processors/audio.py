@@ -1,7 +1,7 @@
 """Audio -> log-mel features for the Gemma 3n (USM) audio encoder, matching Gemma3nAudioFeatureExtractor.
 
 Waveforms (arrays, tensors, {"array"/"raw", "sampling_rate"} dicts or files) are mixed to mono and resampled to
-16 kHz (torchaudio); the batch is padded once, then processed in chunks of frames across all clips:
+16 kHz (torchaudio); the batch is padded once, then cut into runs of frames that worker threads process:
 
     x [B, T] --pad to longest, round up to a multiple of 128, truncate at 30 s-->  [B, T']
     frames of 513 samples every 160 (10 ms)                                        [B, F, 513]
@@ -10,16 +10,19 @@ Waveforms (arrays, tensors, {"array"/"raw", "sampling_rate"} dicts or files) are
     triangular HTK mel bank (125 Hz .. 7.6 kHz), log(max(., 1e-5))                [B, F, 128]
     mask: frame f is valid when its first sample is a real (not padded) sample     [B, F]
 
-The FFT is numpy's (pocketfft) on CPU: its float32 results are bit-identical to the reference's, which matters
-because near-silent mel bins sit at the level of float32 FFT rounding noise (a different FFT implementation
-moves those log values by up to ~0.1 on pure tones). Everything else runs in torch. On CUDA tensors, or with
-fft_backend="torch", torch.fft is used instead (faster, equal to the reference only up to that rounding noise).
+Precision: the reference's FFT is numpy's, whose float32 transform equals the float64 transform rounded to
+complex64. That accuracy matters: the pre-emphasis leaves the lowest mel bins 40-120 dB below the frame's
+energy, and a float32 FFT's rounding error (relative to the whole frame) moves their log values by up to 0.06
+on pure tones. So the CPU path calls numpy's FFT itself (spectra bit-identical to the reference's), and the torch
+path (CUDA tensors, or fft_backend="torch") transforms in float64.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import threading
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +37,7 @@ import torchaudio.functional as AF
 from .files import ConfigError, get_bool, get_float, get_float_list, get_int, get_str
 
 URL_TIMEOUT_S = 10.0
-_FRAMES_PER_CHUNK = 256  # frames per clip per work item (x batch size rows per FFT call)
+_FRAMES_PER_CHUNK = 256  # frames of one clip per work item on the CPU path (1 MB of spectrum: fits in cache)
 
 
 @dataclass(frozen=True)
@@ -254,8 +257,8 @@ def _round_up(n: int, multiple: int | None) -> int:
 class AudioFeatureExtractor:
     """Batched log-mel features: `extractor(waveforms)` -> (input_features [B, F, M], input_features_mask [B, F]).
 
-    fft_backend: "auto" / "numpy" use numpy's FFT for CPU tensors (bit-identical to the reference); "torch" uses
-    torch.fft everywhere (tensors on other devices always use torch.fft).
+    fft_backend: "auto" / "numpy" use numpy's FFT for CPU tensors (spectra bit-identical to the reference's);
+    "torch" uses float64 torch.fft everywhere (tensors on other devices always do), equal to within ~1e-6.
     """
 
     def __init__(self, settings: AudioSettings | None = None, fft_backend: str = "auto"):
@@ -264,8 +267,11 @@ class AudioFeatureExtractor:
         self.settings = settings or AudioSettings()
         self.fft_backend = fft_backend
         s = self.settings
-        self.window = torch.from_numpy(hann_window(s.frame_length))  # [frame_length]
-        self.mel_filters = torch.from_numpy(mel_filter_bank(s).astype(np.float32))  # [n_fft // 2 + 1, n_mels]
+        self._window_np = hann_window(s.frame_length)  # [frame_length] float32
+        self.window = torch.from_numpy(self._window_np)
+        filters = mel_filter_bank(s).astype(np.float32)  # [n_fft // 2 + 1, n_mels]
+        self.mel_filters = torch.from_numpy(filters)
+        self._mel_bank = _BandedMelBank(filters)
         self.per_bin_mean = None if s.per_bin_mean is None else torch.tensor(s.per_bin_mean, dtype=torch.float32)
         self.per_bin_stddev = None if s.per_bin_stddev is None else torch.tensor(s.per_bin_stddev, dtype=torch.float32)
 
@@ -328,64 +334,157 @@ class AudioFeatureExtractor:
     def features(self, batch: torch.Tensor, sample_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel features of a padded batch [B, T] (see the module docstring for the steps)."""
         s = self.settings
-        frame, hop = s.frame_length, s.hop_length
-        n_frames = (batch.shape[-1] - (frame + 1)) // hop + 1
+        n_frames = (batch.shape[-1] - (s.frame_length + 1)) // s.hop_length + 1
         if n_frames <= 0:
             raise ValueError(
-                f"audio too short: {int(sample_mask.sum(-1).max())} samples, but one frame needs {frame + 1} "
-                f"samples ({1000 * (frame + 1) / s.sampling_rate:.1f} ms at {s.sampling_rate} Hz)"
+                f"audio too short: {int(sample_mask.sum(-1).max())} samples, but one frame needs "
+                f"{s.frame_length + 1} samples ({1000 * (s.frame_length + 1) / s.sampling_rate:.1f} ms at "
+                f"{s.sampling_rate} Hz)"
             )
         if s.dither > 0:
             batch = batch + s.dither * torch.randn_like(batch)
         if s.input_scale_factor != 1.0:
             batch = batch * s.input_scale_factor
-        features = torch.empty(batch.shape[0], n_frames, s.feature_size, device=batch.device)  # [B, F, n_mels]
-        use_torch_fft = self.fft_backend == "torch" or batch.device.type != "cpu"  # numpy FFT needs CPU memory
-        if batch.device.type != "cpu":
-            self._log_mel(batch, 0, n_frames, features, use_torch_fft)
+        if self.fft_backend == "torch" or batch.device.type != "cpu":  # numpy's FFT needs CPU memory
+            features = self._log_mel_torch(batch, n_frames)
         else:
-            # Chunks of frames keep the FFT working set in cache; both FFTs release the GIL, so the chunks run in
-            # parallel on torch's thread budget.
-            step = _FRAMES_PER_CHUNK
-            chunks = [(f, min(f + step, n_frames)) for f in range(0, n_frames, step)]
-            workers = min(torch.get_num_threads(), len(chunks))
-            if workers > 1:
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(lambda c: self._log_mel(batch, *c, features, use_torch_fft), chunks))
-            else:
-                for c in chunks:
-                    self._log_mel(batch, *c, features, use_torch_fft)
+            mel = torch.from_numpy(self._mel_numpy(batch.to(torch.float32).numpy(), n_frames))
+            features = mel.clamp_min_(s.mel_floor).log_()  # vectorized torch log over the whole batch
         if self.per_bin_mean is not None:
             features -= self.per_bin_mean.to(features.device)
         if self.per_bin_stddev is not None:
             features /= self.per_bin_stddev.to(features.device)
-        mask = sample_mask[:, ::hop][:, :n_frames]  # frame f is valid iff its first sample is real
+        mask = sample_mask[:, :: s.hop_length][:, :n_frames].to(features.device)  # frame valid iff 1st sample real
         return features, mask
 
-    def _log_mel(self, batch: torch.Tensor, first: int, end: int, out: torch.Tensor, use_torch_fft: bool) -> None:
-        """Write the log-mel features of frames [first, end) of every clip into out[:, first:end]."""
+    def _log_mel_torch(self, batch: torch.Tensor, n_frames: int) -> torch.Tensor:
+        """The whole batch at once with torch ops: [B, T] -> [B, F, n_mels]."""
         s = self.settings
         frame, hop, p = s.frame_length, s.hop_length, s.preemphasis
-        n = end - first
         window = self.window.to(batch.device)
-        x = batch[:, first * hop : (end - 1) * hop + frame + 1]  # [B, S] the samples these frames use
-        frames = torch.empty(batch.shape[0], n, frame, device=batch.device)  # [B, n, frame]
+        windows = batch.unfold(-1, frame + 1, hop)[:, :n_frames]  # [B, F, frame + 1] samples of each frame
         if p <= 0:
-            torch.mul(x.unfold(-1, frame, hop)[:, :n], window, out=frames)
-        else:
-            # Pre-emphasis once over the chunk, frames as views into it: the same float32 operations as the
-            # reference's per-frame pre-emphasis, so the frames agree bit for bit.
-            emphasized = x[:, 1:] - p * x[:, :-1]  # emphasized[i] = x[i + 1] - p x[i]
-            if s.preemphasis_htk_flavor:
-                # frame at t: [x[t] (1 - p), x[t+1] - p x[t], ..., x[t+frame-1] - p x[t+frame-2]]
-                torch.mul(emphasized.unfold(-1, frame - 1, hop)[:, :n], window[1:], out=frames[..., 1:])
-                torch.mul(x[:, ::hop][:, :n] * (1.0 - p), window[0], out=frames[..., 0])
+            frames = windows[..., :-1]
+        elif s.preemphasis_htk_flavor:  # [x0 (1 - p), x1 - p x0, ..., x[frame-1] - p x[frame-2]]
+            frames = torch.cat([windows[..., :1] * (1.0 - p), windows[..., 1:-1] - p * windows[..., :-2]], dim=-1)
+        else:  # x[1 .. frame] - p x[0 .. frame-1]
+            frames = windows[..., 1:] - p * windows[..., :-1]
+        # float64 FFT: a float32 FFT's rounding error (relative to the whole frame) swamps the weak mel bins
+        spectrum = torch.fft.rfft((frames * window).double(), n=s.fft_length)  # [B, F, n_fft // 2 + 1]
+        mel = torch.matmul(spectrum.abs(), self.mel_filters.to(batch.device, torch.float64))  # [B, F, n_mels]
+        return torch.log(mel.clamp_min_(s.mel_floor)).float()
+
+    def _mel_numpy(self, batch: np.ndarray, n_frames: int) -> np.ndarray:
+        """CPU path, mel energies (before the floor and log): [B, T] float32 -> [B, F, n_mels] float32.
+
+        Work items are runs of up to _FRAMES_PER_CHUNK frames of one clip. Each worker thread reuses its own
+        scratch buffers: freshly allocated multi-megabyte arrays cost more in page faults than the FFT itself, and
+        small chunks keep the FFT's working set in cache. numpy's FFT, abs and matmul release the GIL, so the
+        chunks run in parallel on torch's thread budget.
+        """
+        out = np.empty((batch.shape[0], n_frames, self.settings.feature_size), dtype=np.float32)
+        chunks = [
+            (row, first, min(first + _FRAMES_PER_CHUNK, n_frames))
+            for row in range(batch.shape[0])
+            for first in range(0, n_frames, _FRAMES_PER_CHUNK)
+        ]
+        scratch = threading.local()
+
+        def run(chunk: tuple[int, int, int]) -> None:
+            if not hasattr(scratch, "buffers"):
+                scratch.buffers = _ChunkBuffers(self.settings, self._mel_bank)
+            row, first, end = chunk
+            scratch.buffers.mel(batch[row], first, end, self._window_np, out[row, first:end])
+
+        workers = min(torch.get_num_threads(), len(chunks))
+        # One BLAS thread per worker: the small mel matmuls gain nothing from numpy's OpenBLAS threads, which would
+        # otherwise fight the workers for the cores (and spin on them after each call).
+        with _single_threaded_blas():
+            if workers > 1:
+                with ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(run, chunks))
             else:
-                # frame at t: x[t+1 .. t+frame] - p x[t .. t+frame-1]
-                torch.mul(emphasized.unfold(-1, frame, hop)[:, :n], window, out=frames)
-        if use_torch_fft:
-            magnitude = torch.fft.rfft(frames, n=s.fft_length).abs()
-        else:  # numpy's pocketfft: complex64 results bit-identical to the reference's
-            magnitude = torch.from_numpy(np.abs(np.fft.rfft(frames.numpy(), n=s.fft_length, axis=-1)))
-        mel = torch.matmul(magnitude, self.mel_filters.to(magnitude.device))  # [B, n, n_mels]
-        out[:, first:end] = torch.log(mel.clamp_min_(s.mel_floor))
+                for chunk in chunks:
+                    run(chunk)
+        return out
+
+
+class _BandedMelBank:
+    """The mel filters as blocks of consecutive filters, each with only the FFT bins where it is non-zero.
+
+    Triangular filters are sparse (each FFT bin feeds at most two of them), so 8 small matmuls over their own bin
+    ranges do about a tenth of the work of the dense [n_fft // 2 + 1, n_mels] matmul (same result up to the
+    float32 summation order).
+    """
+
+    def __init__(self, filters: np.ndarray, filters_per_block: int = 16):
+        used_bins = np.nonzero(filters.any(axis=1))[0]
+        self.first_bin = int(used_bins[0]) if used_bins.size else 0
+        self.end_bin = int(used_bins[-1]) + 1 if used_bins.size else 1
+        self.blocks: list[tuple[int, int, int, int, np.ndarray]] = []  # (mel0, mel1, bin0, bin1, weights)
+        for mel0 in range(0, filters.shape[1], filters_per_block):
+            mel1 = min(mel0 + filters_per_block, filters.shape[1])
+            bins = np.nonzero(filters[:, mel0:mel1].any(axis=1))[0]
+            bin0, bin1 = (int(bins[0]), int(bins[-1]) + 1) if bins.size else (self.first_bin, self.first_bin + 1)
+            weights = np.ascontiguousarray(filters[bin0:bin1, mel0:mel1], dtype=np.float32)
+            self.blocks.append((mel0, mel1, bin0, bin1, weights))
+
+
+class _ChunkBuffers:
+    """One worker thread's scratch buffers, and the per-chunk computation that fills them."""
+
+    def __init__(self, settings: AudioSettings, mel_bank: _BandedMelBank):
+        self.settings = settings
+        self.mel_bank = mel_bank
+        rows, frame = _FRAMES_PER_CHUNK, settings.frame_length
+        self.frames = np.empty((rows, frame), dtype=np.float32)
+        self.spectrum = np.empty((rows, settings.fft_length // 2 + 1), dtype=np.complex64)
+        self.magnitude = np.empty((rows, mel_bank.end_bin - mel_bank.first_bin), dtype=np.float32)
+        self.emphasized = np.empty((rows - 1) * settings.hop_length + frame, dtype=np.float32)
+
+    def mel(self, wave: np.ndarray, first: int, end: int, window: np.ndarray, out: np.ndarray) -> None:
+        """Mel energies of frames [first, end) of one padded clip `wave` [T], written into out [end - first, n_mels]."""
+        s, bank = self.settings, self.mel_bank
+        frame, hop, p = s.frame_length, s.hop_length, s.preemphasis
+        n = end - first
+        x = wave[first * hop : (end - 1) * hop + frame + 1]  # the samples these frames use
+        frames = self.frames[:n]
+        if p <= 0:
+            np.multiply(_frames_view(x, n, frame, hop), window, out=frames)
+        else:
+            # Pre-emphasis once over the chunk, frames as strided views into it: the same float32 operations as
+            # the reference's per-frame pre-emphasis, so the frames agree bit for bit.
+            emphasized = self.emphasized[: x.shape[0] - 1]  # emphasized[i] = x[i + 1] - p x[i]
+            np.multiply(x[:-1], p, out=emphasized)
+            np.subtract(x[1:], emphasized, out=emphasized)
+            if s.preemphasis_htk_flavor:  # frame at t: [x[t] (1 - p), x[t+1] - p x[t], ...]
+                np.multiply(_frames_view(emphasized, n, frame - 1, hop), window[1:], out=frames[:, 1:])
+                np.multiply(x[: n * hop : hop] * (1.0 - p), window[0], out=frames[:, 0])
+            else:  # frame at t: x[t+1 .. t+frame] - p x[t .. t+frame-1]
+                np.multiply(_frames_view(emphasized, n, frame, hop), window, out=frames)
+        spectrum = np.fft.rfft(frames, n=s.fft_length, axis=-1, out=self.spectrum[:n])  # [n, n_fft // 2 + 1]
+        magnitude = np.abs(spectrum[:, bank.first_bin : bank.end_bin], out=self.magnitude[:n])
+        for mel0, mel1, bin0, bin1, weights in bank.blocks:
+            np.matmul(magnitude[:, bin0 - bank.first_bin : bin1 - bank.first_bin], weights, out=out[:, mel0:mel1])
+
+
+_BLAS_CONTROLLER: Any = None
+
+
+def _single_threaded_blas() -> Any:
+    """Context manager limiting numpy's BLAS to one thread (a no-op where threadpoolctl is not installed)."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()  # scans the loaded libraries once
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas") if _BLAS_CONTROLLER else contextlib.nullcontext()
+
+
+def _frames_view(samples: np.ndarray, n: int, length: int, hop: int) -> np.ndarray:
+    """[n, length] read-only strided view: row i is samples[i * hop : i * hop + length]."""
+    step = samples.strides[0]
+    return np.lib.stride_tricks.as_strided(samples, (n, length), (hop * step, step), writeable=False)
