@@ -24,3 +24,12 @@ class RMSNorm(nn.Module):
         if self.weight is not None:
             out = out * self.weight.float()
         return out.type_as(x)
+
+
+def checkpoint_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` whose weight is left uninitialized, because a checkpoint always provides it.
+
+    Skipping the random init matters on the meta device: torch's normal_ init there costs about 2 s on first use
+    (it imports torch._dynamo), which every model load would pay.
+    """
+    return nn.Embedding.from_pretrained(torch.empty(num_embeddings, dim), freeze=False)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gemma3n.config import AudioConfig, TextConfig, VisionConfig
-from gemma3n.modules import RMSNorm
+from gemma3n.modules import RMSNorm, checkpoint_embedding
 
 
 class MultimodalEmbedder(nn.Module):
@@ -25,7 +25,7 @@ class MultimodalEmbedder(nn.Module):
         self.multimodal_hidden = multimodal_hidden
         self.vocab_size = vocab_size
         self.vocab_offset = vocab_offset
-        self.embedding = nn.Embedding(vocab_size, multimodal_hidden)
+        self.embedding = checkpoint_embedding(vocab_size, multimodal_hidden)
         self.hard_embedding_norm = RMSNorm(multimodal_hidden, eps=eps)
         self.soft_embedding_norm = RMSNorm(multimodal_hidden, eps=eps)
         self.embedding_projection = nn.Linear(multimodal_hidden, text_hidden, bias=False)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..modules import RMSNorm
+from ..modules import RMSNorm, checkpoint_embedding
 from .attention import rope_cos_sin
 from .kv_cache import AttentionContext, KVCache
 from .layers import DecoderLayer, in_dtype
@@ -28,8 +28,8 @@ class TextModel(nn.Module):
         super().__init__()
         self.config = config
         L, P, H = config.num_hidden_layers, config.hidden_size_per_layer_input, config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, H)
-        self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, L * P)
+        self.embed_tokens = checkpoint_embedding(config.vocab_size, H)
+        self.embed_tokens_per_layer = checkpoint_embedding(config.vocab_size_per_layer_input, L * P)
         self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
         self.per_layer_projection_norm = RMSNorm(P, eps=config.rms_norm_eps)
         self.altup_projections = nn.ModuleList(nn.Linear(H, H, bias=False) for _ in range(config.altup_num_inputs - 1))
