@@ -101,6 +101,40 @@ def weight_bytes_per_token(model: Gemma3n) -> int:
     return total - table.numel() * table.element_size()
 
 
+class TokenTimer:
+    """A streamer (``put`` / ``end``, the protocol of both libraries) that records when each step's tokens arrive.
+
+    The first ``put`` is the prompt; the interval between later puts is one decode step. The median interval is a
+    direct decode timing, free of the noise of subtracting a prefill-only run from a full run.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.times: list[float] = []
+
+    def put(self, _tokens) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def step_seconds(self) -> list[float]:
+        stamps = self.times[1:]  # drop the prompt's put
+        return [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+
+
+def median_step(run_with_streamer, device: str, repeat: int) -> float:
+    """Median decode-step seconds over ``repeat`` generate runs (after one warm-up run)."""
+    run_with_streamer(TokenTimer(device))
+    steps: list[float] = []
+    for _ in range(repeat):
+        timer = TokenTimer(device)
+        run_with_streamer(timer)
+        steps += timer.step_seconds()
+    return statistics.median(steps)
+
+
 def run(args) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     ref, ours = build_models(args.preset, args.device, dtype)
@@ -128,24 +162,17 @@ def run(args) -> dict:
         ids = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(args.device)
         settings = dict(max_new_tokens=new, do_sample=False)
 
-        def ours_generate():
-            return ours.generate(ids, eos_token_id=[-1], **settings)
+        def ours_generate(streamer):
+            return ours.generate(ids, eos_token_id=[-1], streamer=streamer, **settings)
 
-        def ref_generate():
+        def ref_generate(streamer):
             with torch.no_grad():
-                return ref.generate(input_ids=ids, min_new_tokens=new, eos_token_id=None, pad_token_id=0, **settings)
+                return ref.generate(
+                    input_ids=ids, min_new_tokens=new, eos_token_id=None, pad_token_id=0, streamer=streamer, **settings
+                )
 
-        def ours_prefill():
-            return ours.generate(ids, eos_token_id=[-1], max_new_tokens=1)
-
-        def ref_prefill():
-            with torch.no_grad():
-                return ref.generate(input_ids=ids, max_new_tokens=1, eos_token_id=None, pad_token_id=0)
-
-        for impl, full, pre in (("gemma3n", ours_generate, ours_prefill), ("transformers", ref_generate, ref_prefill)):
-            t_full = timed(full, args.device, args.repeat)
-            t_pre = timed(pre, args.device, args.repeat)
-            tok_s = batch * (new - 1) / max(t_full - t_pre, 1e-9)
+        for impl, run_generate in (("gemma3n", ours_generate), ("transformers", ref_generate)):
+            tok_s = batch / median_step(run_generate, args.device, args.repeat)
             extra = {}
             if batch == 1:
                 gbs = bytes_per_token * tok_s / 1e9

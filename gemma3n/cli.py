@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -205,62 +207,84 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
-    files = find_files(args.paths, IMAGE_EXTENSIONS)
+@dataclass(frozen=True)
+class FileJob:
+    """What sets a file command (caption, transcribe) apart, besides how it decodes a file and runs a batch."""
+
+    task: str  # pipeline task
+    extensions: frozenset[str]  # files picked up in folders
+    result_key: str  # the record key of a success (what a resumed run keeps)
+    media: str  # "no {media} files found"
+    unit: str  # progress bar unit; "every {unit} already has a {result_name} in the output"
+    result_name: str
+
+
+CAPTION = FileJob("image-to-text", IMAGE_EXTENSIONS, "caption", media="image", unit="image", result_name="caption")
+TRANSCRIBE = FileJob(
+    "automatic-speech-recognition", AUDIO_EXTENSIONS, "text", media="audio", unit="file", result_name="transcript"
+)
+
+
+def run_file_job(
+    args: argparse.Namespace,
+    job: FileJob,
+    decode: Callable[[Any, Path], Any],
+    run_batch: Callable[[Any, list[Any]], list[dict]],
+) -> int:
+    """Find the files, skip those done in ``--output``, load the model only if work is left, and run the rest.
+
+    ``decode(pipeline, path)`` reads one file fully (so a bad file fails alone); ``run_batch(pipeline, inputs)``
+    gives one result record per input. Returns the exit status: 1 when any file failed, else 0.
+    """
+    files = find_files(args.paths, job.extensions)
     if not files:
-        raise CliError(f"no image files found in {', '.join(args.paths)}")
-    log = ResultLog(args.output, "caption")
+        raise CliError(f"no {job.media} files found in {', '.join(args.paths)}")
+    log = ResultLog(args.output, job.result_key)
     try:
         if all(log.is_done(f) for f in files):
-            print("every image already has a caption in the output", file=sys.stderr)
+            print(f"every {job.unit} already has a {job.result_name} in the output", file=sys.stderr)
             return 0
-        pipe = load_pipeline("image-to-text", args)
-        settings = _generation_settings(args)
-        if args.prompt:
-            settings["prompt"] = args.prompt
-
-        def run_batch(images: list[Any]) -> list[dict]:
-            return [{"caption": r[0]["generated_text"]} for r in pipe(images, batch_size=len(images), **settings)]
-
-        failures = _run_files(files, log, args.batch_size, _open_image, run_batch, "image")
+        pipe = load_pipeline(job.task, args)
+        decode_file, run = functools.partial(decode, pipe), functools.partial(run_batch, pipe)
+        failures = _run_files(files, log, args.batch_size, decode_file, run, job.unit)
     finally:
         log.close()
     return 1 if failures else 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    settings = _generation_settings(args)
+    if args.prompt:
+        settings["prompt"] = args.prompt
+
+    def run_batch(pipe: Any, images: list[Any]) -> list[dict]:
+        return [{"caption": r[0]["generated_text"]} for r in pipe(images, batch_size=len(images), **settings)]
+
+    return run_file_job(args, CAPTION, lambda _pipe, path: _open_image(path), run_batch)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    files = find_files(args.paths, AUDIO_EXTENSIONS)
-    if not files:
-        raise CliError(f"no audio files found in {', '.join(args.paths)}")
-    log = ResultLog(args.output, "text")
-    try:
-        if all(log.is_done(f) for f in files):
-            print("every file already has a transcript in the output", file=sys.stderr)
-            return 0
-        pipe = load_pipeline("automatic-speech-recognition", args)
+    settings = _generation_settings(args)
+    if args.instruction:
+        settings["instruction"] = args.instruction
+    if args.timestamps:
+        settings["return_timestamps"] = "chunk"
+
+    def decode(pipe: Any, path: Path) -> dict:
+        if not path.exists():
+            raise FileNotFoundError(f"no such file: {str(path)!r}")
         extractor = pipe.processor.feature_extractor
-        settings = _generation_settings(args)
-        if args.instruction:
-            settings["instruction"] = args.instruction
-        if args.timestamps:
-            settings["return_timestamps"] = "chunk"
+        wave = extractor.prepare([str(path)])[0]
+        # "path" makes the pipeline name the file in its warnings (e.g. a window that reached max_new_tokens)
+        return {"array": wave, "sampling_rate": extractor.sampling_rate, "path": str(path)}
 
-        def decode(path: Path) -> Any:
-            if not path.exists():
-                raise FileNotFoundError(f"no such file: {str(path)!r}")
-            return extractor.prepare([str(path)])[0]
+    def run_batch(pipe: Any, clips: list[dict]) -> list[dict]:
+        results = pipe(clips, batch_size=len(clips), **settings)
+        return [
+            {"text": r["text"], **({"chunks": _jsonable_chunks(r["chunks"])} if "chunks" in r else {})} for r in results
+        ]
 
-        def run_batch(waves: list[Any]) -> list[dict]:
-            results = pipe(waves, batch_size=len(waves), **settings)
-            return [
-                {"text": r["text"], **({"chunks": _jsonable_chunks(r["chunks"])} if "chunks" in r else {})}
-                for r in results
-            ]
-
-        failures = _run_files(files, log, args.batch_size, decode, run_batch, "file")
-    finally:
-        log.close()
-    return 1 if failures else 0
+    return run_file_job(args, TRANSCRIBE, decode, run_batch)
 
 
 def _jsonable_chunks(chunks: list[dict]) -> list[dict]:

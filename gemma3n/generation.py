@@ -208,8 +208,9 @@ def generate(
     """Generate continuations; returns full sequences [B, prompt + new] like transformers' ``generate``.
 
     Rows that finish (an end id or a stop string) are padded with ``pad_token_id`` while the others go on; the loop
-    ends when all rows finished or ``max_new_tokens`` were produced. ``streamer`` (batch 1) is a callable taking text
-    pieces, or an object with ``put(token_ids)`` / ``end()`` like transformers' streamers.
+    ends when all rows finished or ``max_new_tokens`` were produced. ``streamer`` is a callable taking text pieces
+    (batch 1), or an object with ``put(token_ids)`` / ``end()`` like transformers' streamers (``put`` gets the prompt
+    [B, T] first, then each step's tokens [B]).
     """
     for piece in _generate_iter(
         model,
@@ -297,8 +298,8 @@ def _generate_iter(
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
-    if streamer is not None and B != 1:
-        raise ValueError("streaming works on one prompt at a time")
+    if callable(streamer) and B != 1:
+        raise ValueError("a text streamer (a callable) works on one prompt at a time")
     if not config.greedy and generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())

@@ -6,24 +6,13 @@ import copy
 
 import pytest
 import torch
-from vision_helpers import load_embedder, read_tensors, reference, rel_err, single_thread
+from vision_helpers import load_embedder, one_thread_fixture, read_tensors, ref_fixture, rel_err  # noqa: F401 - fixtures
 
 from gemma3n.config import Gemma3nConfig
 from gemma3n.encoders.embedder import MultimodalEmbedder
 
 FP32_REL_TOL = 1e-5
 MODALITIES = ("vision", "audio")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return reference()
 
 
 def _ref_embedder(ref, modality: str):

@@ -3,6 +3,8 @@ settings, streaming, captioning and long-audio transcription."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import soundfile
@@ -193,11 +195,19 @@ def test_asr_long_audio_is_split_and_fully_transcribed(model, tmp_path):
     assert isinstance(results[1]["text"], str) and results[1]["text"]
 
 
-def test_asr_instruction_and_limits(model):
+def test_asr_instruction_and_limits(model, tmp_path):
     asr = gemma3n.pipeline("automatic-speech-recognition", model=model, max_new_tokens=3, eos_token_id=[])
     clip = make_audio(2.0, seed=3)
-    with pytest.warns(UserWarning, match="max_new_tokens"):
+    with pytest.warns(UserWarning, match=r"the transcript of 0\.00-2\.00 s reached max_new_tokens"):
         asr(clip)
+    # An input that names its file (a path, or a dict's "path") is named in the warning too.
+    path = tmp_path / "limit clip.wav"
+    soundfile.write(path, clip, SAMPLING_RATE)
+    with pytest.warns(UserWarning, match=re.escape(f"0.00-2.00 s of {str(path)!r} reached max_new_tokens")):
+        asr(str(path))
+    labelled = {"array": clip, "sampling_rate": SAMPLING_RATE, "path": "corpus/talk 7.flac"}
+    with pytest.warns(UserWarning, match=re.escape("0.00-2.00 s of 'corpus/talk 7.flac' reached")):
+        asr(labelled)
     with pytest.raises(ValueError, match="chunk_length_s"):
         asr(clip, chunk_length_s=45)
     with pytest.raises(ValueError, match="empty"):

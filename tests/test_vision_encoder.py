@@ -11,27 +11,16 @@ from vision_helpers import (
     SOFT_TOKENS,
     load_embedder,
     load_vision_tower,
+    one_thread_fixture,  # noqa: F401 - autouse fixture
     read_tensors,
-    reference,
+    ref_fixture,  # noqa: F401 - the `ref` fixture
     rel_err,
-    single_thread,
 )
 
 from gemma3n.config import ConfigError, Gemma3nConfig, VisionConfig
 from gemma3n.encoders.vision import VisionTower
 
 FP32_REL_TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return reference()
 
 
 @pytest.fixture(scope="module")

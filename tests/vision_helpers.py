@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -108,6 +109,22 @@ class _Reference:
 def reference() -> _Reference:
     """Built at most once per test session, shared by the vision and embedder tests."""
     return _Reference()
+
+
+# Fixtures for the test modules that import them (a test module sees the fixtures in its namespace).
+
+
+@pytest.fixture(scope="module", autouse=True, name="one_thread")
+def one_thread_fixture() -> Iterator[None]:
+    """Every test of the importing module runs torch on one thread (see ``single_thread``)."""
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module", name="ref")
+def ref_fixture() -> _Reference:
+    """``ref``: the shared reference model and its checkpoint directory."""
+    return reference()
 
 
 def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -9,13 +9,14 @@ Gemma 3n hears at most 30 s per clip (the processor would cut the rest off), so 
 at most ``chunk_length_s`` seconds. Each cut is placed at the quietest 25 ms frame within the last ``cut_search_s``
 seconds of its window, so words are rarely split. Every window is transcribed (windows of all inputs share batches)
 and the window texts are joined with spaces. Nothing is dropped: a window whose transcript hit ``max_new_tokens``
-raises a warning that names it.
+raises a warning that names its time span and, when the input names one (a path, or a dict's "path"), the file.
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +62,12 @@ def _is_batch(inputs: Any) -> bool:
     return isinstance(inputs, (list, tuple)) and not all(isinstance(x, numbers.Number) for x in inputs)
 
 
+def input_name(audio: Any) -> str | None:
+    """The file an input comes from: a path given directly or as a dict's "path" (as datasets' audio dicts have)."""
+    path = audio.get("path") if isinstance(audio, dict) else audio
+    return str(path) if isinstance(path, (str, Path)) else None
+
+
 class AutomaticSpeechRecognitionPipeline(Pipeline):
     task = "automatic-speech-recognition"
     task_keys = frozenset({"instruction", "return_timestamps", "chunk_length_s", "cut_search_s", "sampling_rate"})
@@ -94,13 +101,15 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
 
     def postprocess(self, audio: Any, outputs: list[Generated], settings: dict[str, Any]) -> dict:
         chunks = []
+        name = input_name(audio)
         for out in outputs:
             start, end, rate = out.prompt.meta
             text = self.decode(out.new_ids).strip()
             if out.limit_reached:
+                span = f"{start / rate:.2f}-{end / rate:.2f} s" + (f" of {name!r}" if name else "")
                 warnings.warn(
-                    f"the transcript of {start / rate:.2f}-{end / rate:.2f} s reached max_new_tokens and may be cut "
-                    "short; pass a larger max_new_tokens",
+                    f"the transcript of {span} reached max_new_tokens and may be cut short; pass a larger "
+                    "max_new_tokens",
                     stacklevel=2,
                 )
             chunks.append({"text": text, "timestamp": (round(start / rate, 3), round(end / rate, 3))})

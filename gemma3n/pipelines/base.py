@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..generation import GenerationConfig, stream_generate
+from ..processors.chat import chat_media
 
 # Keywords that go to generation rather than to the task (GenerationConfig fields and generate()'s extras).
 GENERATION_KEYS = frozenset({f.name for f in fields(GenerationConfig)} | {"eos_token_id", "seed", "generator"})
@@ -51,41 +52,6 @@ def is_chat(value: Any) -> bool:
 def is_chat_batch(value: Any) -> bool:
     """A list of conversations."""
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(is_chat(v) for v in value)
-
-
-def chat_media(messages: Sequence[dict]) -> tuple[list[Any], list[Any]]:
-    """The images and audio clips a conversation references, in the order the chat template places them.
-
-    Image parts: ``{"type": "image", "image" | "url" | "path" | "base64": ...}``; audio parts: ``{"type": "audio",
-    "audio" | "url" | "path": ...}`` (the same keys transformers reads). Values stay as given (PIL image, path, URL,
-    array); the processor loads them.
-    """
-    images: list[Any] = []
-    audio: list[Any] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise TypeError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
-        content = message.get("content")
-        if not isinstance(content, (list, tuple)):
-            continue
-        for part in content:
-            if not isinstance(part, dict):
-                continue
-            kind = part.get("type")
-            if kind == "image":
-                found = [part[k] for k in ("image", "url", "path", "base64") if k in part]
-                if not found:
-                    raise ValueError(f"message {i}: an image part needs an 'image', 'url' or 'path' key: {part!r:.80}")
-                images.extend(found)
-            elif kind == "image_url" and "image_url" in part:
-                url = part["image_url"]
-                images.append(url.get("url") if isinstance(url, dict) else url)
-            elif kind == "audio":
-                found = [part[k] for k in ("audio", "url", "path") if k in part]
-                if not found:
-                    raise ValueError(f"message {i}: an audio part needs an 'audio', 'url' or 'path' key")
-                audio.extend(found)
-    return images, audio
 
 
 def chat_prompt(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from importlib import resources
@@ -105,6 +106,41 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             message["content"] = parts
         out.append(message)
     return out
+
+
+def chat_media(messages: Sequence[dict]) -> tuple[list[Any], list[Any]]:
+    """The images and audio clips a conversation references, in the order the chat template places them.
+
+    Image parts: ``{"type": "image", "image" | "url" | "path" | "base64": ...}``; audio parts: ``{"type": "audio",
+    "audio" | "url" | "path": ...}`` (the same keys transformers reads). Values stay as given (PIL image, path, URL,
+    array); the processor loads them.
+    """
+    images: list[Any] = []
+    audio: list[Any] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TypeError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+        content = message.get("content")
+        if not isinstance(content, (list, tuple)):
+            continue
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type")
+            if kind == "image":
+                found = [part[k] for k in ("image", "url", "path", "base64") if k in part]
+                if not found:
+                    raise ValueError(f"message {i}: an image part needs an 'image', 'url' or 'path' key: {part!r:.80}")
+                images.extend(found)
+            elif kind == "image_url" and "image_url" in part:
+                url = part["image_url"]
+                images.append(url.get("url") if isinstance(url, dict) else url)
+            elif kind == "audio":
+                found = [part[k] for k in ("audio", "url", "path") if k in part]
+                if not found:
+                    raise ValueError(f"message {i}: an audio part needs an 'audio', 'url' or 'path' key")
+                audio.extend(found)
+    return images, audio
 
 
 class ChatTemplate:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .audio import AudioFeatureExtractor, AudioSettings
-from .chat import ChatTemplate, default_template_text, find_template
+from .chat import ChatTemplate, chat_media, default_template_text, find_template
 from .files import ConfigError, get_int, get_section, read_json
 from .image import ImageProcessor, ImageSettings
 from .tokenizer import Tokenizer
@@ -348,22 +348,9 @@ class Processor:
         batch_images: list[list[Any]] = []
         audio: list[Any] = []
         for conv in conversations:
-            images_here = []
-            for message in conv:
-                content = message.get("content")
-                if not isinstance(content, (list, tuple)):
-                    continue
-                for part in content:
-                    if not isinstance(part, dict):
-                        continue
-                    if part.get("type") == "image":
-                        images_here.extend(part[k] for k in ("image", "url", "path", "base64") if k in part)
-                    elif part.get("type") == "image_url" and "image_url" in part:
-                        url = part["image_url"]
-                        images_here.append(url.get("url") if isinstance(url, dict) else url)
-                    elif part.get("type") == "audio":
-                        audio.extend(part[k] for k in ("audio", "url", "path") if k in part)
+            images_here, audio_here = chat_media(conv)
             batch_images.append(images_here)
+            audio.extend(audio_here)
 
         kwargs = dict(processor_kwargs or {})
         if prompts[0].startswith(self.tokenizer.bos_token):
