@@ -1,7 +1,8 @@
 """gemma3n vs transformers on the same random weights, in one process: decode, prefill, memory.
 
-    # CPU, small shape (the CI-sized check that our decode is >= 2x transformers'):
-    python benchmarks/bench_generation.py --preset small --device cpu --batch-sizes 1 4 --out bench_out/cpu_small.json
+    # CPU, small shape (the check that our decode is >= 2x transformers'; --compile adds compiled decode steps):
+    python benchmarks/bench_generation.py --preset small --device cpu --batch-sizes 1 4 --new-tokens 32 \
+        --prefill-lengths 128 512 --repeat 5 --compile --out benchmarks/results/cpu_small.json
     # GPU, published E2B shape, bf16:
     python benchmarks/bench_generation.py --preset e2b --device cuda --dtype bfloat16 --out bench_out/gpu_e2b.json
 
@@ -71,7 +72,7 @@ def build_models(preset: str, device: str, dtype: torch.dtype):
     tensors = {k: v for k, v in ref.state_dict().items()}
     renamed, ignore = _published_to_module_names(tensors, ours, text_only_layout=True)
     attach_weights(ours, renamed, dtype=dtype, device=device, ignore=ignore, source="reference")
-    return ref, ours.eval()
+    return ref, ours.prepare_for_inference()
 
 
 def sync(device: str) -> None:
@@ -162,8 +163,8 @@ def run(args) -> dict:
         ids = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(args.device)
         settings = dict(max_new_tokens=new, do_sample=False)
 
-        def ours_generate(streamer):
-            return ours.generate(ids, eos_token_id=[-1], streamer=streamer, **settings)
+        def ours_generate(streamer, compile_steps=False):
+            return ours.generate(ids, eos_token_id=[-1], streamer=streamer, compile=compile_steps, **settings)
 
         def ref_generate(streamer):
             with torch.no_grad():
@@ -171,7 +172,10 @@ def run(args) -> dict:
                     input_ids=ids, min_new_tokens=new, eos_token_id=None, pad_token_id=0, streamer=streamer, **settings
                 )
 
-        for impl, run_generate in (("gemma3n", ours_generate), ("transformers", ref_generate)):
+        impls = [("gemma3n", ours_generate), ("transformers", ref_generate)]
+        if args.compile:
+            impls.insert(1, ("gemma3n compiled", lambda streamer: ours_generate(streamer, compile_steps=True)))
+        for impl, run_generate in impls:
             tok_s = batch / median_step(run_generate, args.device, args.repeat)
             extra = {}
             if batch == 1:
@@ -198,11 +202,13 @@ def run(args) -> dict:
     if args.device.startswith("cuda"):
         results["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
     ratios = {}
+    reference = {r["benchmark"]: r for r in results["rows"] if r["impl"] == "transformers"}
     for row in results["rows"]:
-        if row["impl"] == "gemma3n":
-            other = next(r for r in results["rows"] if r["benchmark"] == row["benchmark"] and r["impl"] != "gemma3n")
+        if row["impl"] != "transformers":
+            other = reference[row["benchmark"]]
             higher_better = row["unit"] == "tok/s"
-            ratios[row["benchmark"]] = row["value"] / other["value"] if higher_better else other["value"] / row["value"]
+            key = row["benchmark"] + (" (compiled)" if row["impl"] == "gemma3n compiled" else "")
+            ratios[key] = row["value"] / other["value"] if higher_better else other["value"] / row["value"]
     results["speedup_vs_transformers"] = ratios
     return results
 
@@ -215,11 +221,12 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, ratio in results["speedup_vs_transformers"].items():
-        rows = {r["impl"]: r for r in results["rows"] if r["benchmark"] == name}
-        unit = rows["gemma3n"]["unit"]
+        benchmark, compiled = name.removesuffix(" (compiled)"), name.endswith(" (compiled)")
+        rows = {r["impl"]: r for r in results["rows"] if r["benchmark"] == benchmark}
+        ours = rows["gemma3n compiled" if compiled else "gemma3n"]
+        unit = ours["unit"]
         lines.append(
-            f"| {name} | {rows['gemma3n']['value']:.2f} {unit} | {rows['transformers']['value']:.2f} {unit} "
-            f"| {ratio:.2f}x |"
+            f"| {name} | {ours['value']:.2f} {unit} | {rows['transformers']['value']:.2f} {unit} | {ratio:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -234,6 +241,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 1024, 4096])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time gemma3n's compiled decode steps")
     parser.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="memory bandwidth bound (H100 SXM)")
     parser.add_argument("--out", default="bench_out/generation.json")
     args = parser.parse_args()

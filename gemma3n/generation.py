@@ -144,6 +144,22 @@ def decode_step(
     return model(tokens, position_ids=positions, cache=cache, start=start).logits[:, -1].float()
 
 
+_COMPILED_CACHE_MULTIPLE = 256  # compiled decoding rounds the cache length up: fewer shapes, fewer recompiles
+
+
+def compiled_decode_step(model: Any) -> Callable[..., torch.Tensor]:
+    """:func:`decode_step` through ``torch.compile`` (one per model, reused across calls).
+
+    Fuses the small per-layer ops of a step (about 1.3-1.5x on CPU for a small model; needs a C++ compiler there).
+    The first call with a new batch size or cache length compiles, which takes from seconds to a minute or more.
+    """
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is None:
+        step = torch.compile(decode_step, dynamic=False)
+        model._compiled_decode_step = step
+    return step
+
+
 class StopStringMatcher:
     """Finds stop strings in each row's decoded continuation."""
 
@@ -204,13 +220,15 @@ def generate(
     streamer: Any = None,
     tokenizer: Any = None,
     generation_config: GenerationConfig | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Generate continuations; returns full sequences [B, prompt + new] like transformers' ``generate``.
 
     Rows that finish (an end id or a stop string) are padded with ``pad_token_id`` while the others go on; the loop
     ends when all rows finished or ``max_new_tokens`` were produced. ``streamer`` is a callable taking text pieces
     (batch 1), or an object with ``put(token_ids)`` / ``end()`` like transformers' streamers (``put`` gets the prompt
-    [B, T] first, then each step's tokens [B]).
+    [B, T] first, then each step's tokens [B]). ``compile=True`` runs the decode steps through
+    :func:`compiled_decode_step` (same tokens; pays off over many steps with recurring shapes).
     """
     for piece in _generate_iter(
         model,
@@ -234,6 +252,7 @@ def generate(
         streamer=streamer,
         tokenizer=tokenizer,
         generation_config=generation_config,
+        compile=compile,
     ):
         if isinstance(piece, torch.Tensor):
             return piece
@@ -249,6 +268,7 @@ def stream_generate(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Itera
     names = ("attention_mask", "pixel_values", "input_features", "input_features_mask")
     modal = [kwargs.pop(n, None) for n in names]
     seed, generator, streamer = kwargs.pop("seed", None), kwargs.pop("generator", None), kwargs.pop("streamer")
+    compile_steps = kwargs.pop("compile", False)
     if "eos_token_id" in kwargs:
         kwargs["eos_token_ids"] = kwargs.pop("eos_token_id")
     for item in _generate_iter(
@@ -261,6 +281,7 @@ def stream_generate(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Itera
         streamer=streamer,
         tokenizer=tokenizer,
         generation_config=generation_config,
+        compile=compile_steps,
     ):
         while pieces:
             yield pieces.pop(0)
@@ -282,6 +303,7 @@ def _generate_iter(
     streamer: Any,
     tokenizer: Any,
     generation_config: GenerationConfig | None,
+    compile: bool = False,
 ) -> Iterator[Any]:
     """Yields None after each step (so streams can flush) and finally the sequences tensor."""
     base = generation_config or GenerationConfig.from_checkpoint(
@@ -305,7 +327,11 @@ def _generate_iter(
         generator.manual_seed(seed if seed is not None else torch.seed())
 
     positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # rope positions skip left padding
-    cache = KVCache(model.config.text, B, T + config.max_new_tokens, dtype=model.dtype, device=device)
+    cache_length, step_fn = T + config.max_new_tokens, decode_step
+    if compile:
+        cache_length = -(-cache_length // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
+        step_fn = compiled_decode_step(model)
+    cache = KVCache(model.config.text, B, cache_length, dtype=model.dtype, device=device)
     modal = dict(pixel_values=pixel_values, input_features=input_features, input_features_mask=input_features_mask)
     with torch.inference_mode():
         logits = prefill(model, input_ids, mask, positions, cache, **modal)
@@ -343,7 +369,7 @@ def _generate_iter(
         if bool(finished.all()) or step == config.max_new_tokens - 1:
             break
         with torch.inference_mode():
-            logits = decode_step(model, token[:, None], next_pos, cache, torch.tensor(T + step, device=device))
+            logits = step_fn(model, token[:, None], next_pos, cache, torch.tensor(T + step, device=device))
         next_pos = next_pos + 1
 
     if text_streamer is not None:

@@ -21,6 +21,9 @@ def match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return x * target / magnitude
 
 
+_RSQRT_2 = torch.rsqrt(torch.tensor(2.0)).item()  # float32 1/sqrt(2), as the reference computes it
+
+
 class TextModel(nn.Module):
     """Decoder-only language model. Parameter names follow the published ``language_model.*`` tensors."""
 
@@ -38,6 +41,17 @@ class TextModel(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(L))
         self.norm = RMSNorm(H, eps=config.rms_norm_eps)
+
+    def finish_loading(self) -> None:
+        """On CPU, store the tied embedding [vocab, H] hidden-major (column-major; same values and shape).
+
+        The LM head then multiplies by a contiguous [H, vocab] matrix, which CPU BLAS streams at memory bandwidth:
+        2.4x faster at batch 1 for the 262k-row head than the row-major layout. The token lookup becomes a strided
+        gather of a few rows, which costs next to nothing.
+        """
+        weight = self.embed_tokens.weight
+        if weight.device.type == "cpu" and weight.is_contiguous():
+            self.embed_tokens.weight = nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -60,7 +74,7 @@ class TextModel(nn.Module):
         rows = rows.to(inputs_embeds.device, non_blocking=True).view(*ple_ids.shape, L, P)
         projected = self.per_layer_model_projection(inputs_embeds) * in_dtype(cfg.hidden_size**-0.5, dtype)
         projected = self.per_layer_projection_norm(projected.view(*inputs_embeds.shape[:-1], L, P))
-        return (projected + rows) * in_dtype(torch.rsqrt(torch.tensor(2.0)).item(), dtype)
+        return (projected + rows) * in_dtype(_RSQRT_2, dtype)
 
     # ---- body ---------------------------------------------------------------------------------------------------
     def hidden_states(
@@ -108,7 +122,7 @@ class TextModel(nn.Module):
         logits = F.linear(hidden, self.embed_tokens.weight.to(hidden.device))
         cap = self.config.final_logit_softcapping
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+            logits = logits.div_(cap).tanh_().mul_(cap)  # in place: the [B, T, 262k] buffer is the big one
         return logits
 
     def forward(
