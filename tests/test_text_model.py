@@ -274,3 +274,30 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits(tmp_path):
         want = decode_step(ours, *step_args, caches[0], torch.tensor(9))
         got = compiled_decode_step(ours)(ours, *step_args, caches[1], torch.tensor(9))
     assert rel_err(got, want) <= 1e-5
+
+
+def test_token_streamer_sees_prompt_then_each_step_for_any_batch(tiny_lm):
+    """An object streamer (put/end, transformers' protocol) gets the prompt [B, T], then each step's tokens [B]; a
+    text streamer (a callable) is limited to one prompt."""
+    _, directory = tiny_lm
+    ours = gemma3n.load(directory, dtype=torch.float32)
+    ids = _ids(2, 6, seed=23)
+
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, tokens):
+            self.puts.append(tokens.clone())
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    settings = dict(max_new_tokens=5, do_sample=False, eos_token_id=[-1])
+    out = ours.generate(ids, streamer=recorder, **settings)
+    assert recorder.ended and torch.equal(recorder.puts[0], ids)
+    assert [tuple(t.shape) for t in recorder.puts[1:]] == [(2,)] * 5
+    assert torch.equal(torch.cat([recorder.puts[0], torch.stack(recorder.puts[1:], dim=1)], dim=1), out)
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        ours.generate(ids, streamer=print, **settings)
