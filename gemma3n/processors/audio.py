@@ -13,8 +13,9 @@ into runs of frames that worker threads process:
 Precision: the reference's FFT is numpy's, whose float32 transform equals the float64 transform rounded to
 complex64. That accuracy matters: the pre-emphasis leaves the lowest mel bins 40-120 dB below the frame's
 energy, and a float32 FFT's rounding error (relative to the whole frame) moves their log values by up to 0.06
-on pure tones. So the CPU path calls numpy's FFT itself (spectra bit-identical to the reference's), and the torch
-path (CUDA tensors, or fft_backend="torch") transforms in float64.
+on pure tones. So the CPU path transforms in float64 too (scipy's pocketfft, or numpy's) and rounds to complex64:
+spectra bit-identical to the reference's. The torch path (CUDA tensors, or fft_backend="torch") transforms in
+float64 as well.
 """
 
 from __future__ import annotations
