@@ -125,15 +125,21 @@ class TokenTimer:
         return [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
 
 
-def median_step(run_with_streamer, device: str, repeat: int) -> float:
-    """Median decode-step seconds over ``repeat`` generate runs (after one warm-up run)."""
-    run_with_streamer(TokenTimer(device))
-    steps: list[float] = []
+def median_steps(runners: dict, device: str, repeat: int) -> dict[str, float]:
+    """Median decode-step seconds of each runner over ``repeat`` generate runs, after one warm-up run each.
+
+    The runs are interleaved (one of each per round), so that a change in machine speed over time (a shared CPU)
+    hits every implementation alike and the ratios stay fair.
+    """
+    for run_with_streamer in runners.values():
+        run_with_streamer(TokenTimer(device))
+    steps: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeat):
-        timer = TokenTimer(device)
-        run_with_streamer(timer)
-        steps += timer.step_seconds()
-    return statistics.median(steps)
+        for name, run_with_streamer in runners.items():
+            timer = TokenTimer(device)
+            run_with_streamer(timer)
+            steps[name] += timer.step_seconds()
+    return {name: statistics.median(values) for name, values in steps.items()}
 
 
 def run(args) -> dict:
@@ -175,8 +181,9 @@ def run(args) -> dict:
         impls = [("gemma3n", ours_generate), ("transformers", ref_generate)]
         if args.compile:
             impls.insert(1, ("gemma3n compiled", lambda streamer: ours_generate(streamer, compile_steps=True)))
-        for impl, run_generate in impls:
-            tok_s = batch / median_step(run_generate, args.device, args.repeat)
+        step_seconds = median_steps(dict(impls), args.device, args.repeat)
+        for impl, _ in impls:
+            tok_s = batch / step_seconds[impl]
             extra = {}
             if batch == 1:
                 gbs = bytes_per_token * tok_s / 1e9
