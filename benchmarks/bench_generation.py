@@ -72,7 +72,7 @@ def build_models(preset: str, device: str, dtype: torch.dtype):
     tensors = {k: v for k, v in ref.state_dict().items()}
     renamed, ignore = _published_to_module_names(tensors, ours, text_only_layout=True)
     attach_weights(ours, renamed, dtype=dtype, device=device, ignore=ignore, source="reference")
-    return ref, ours.prepare_for_inference()
+    return ref, ours.eval().requires_grad_(False)
 
 
 def sync(device: str) -> None:

@@ -100,18 +100,7 @@ class Gemma3n(nn.Module):
         if ple_device is not None and torch.device(ple_device).type == "cpu" and torch.device(device).type == "cuda":
             model.language_model.embed_tokens_per_layer.weight = nn.Parameter(table.pin_memory(), requires_grad=False)
         model.path = path
-        return model.prepare_for_inference()
-
-    def prepare_for_inference(self) -> Gemma3n:
-        """Eval mode, no grads, and each submodule's ``finish_loading()`` (weight layouts that suit the device).
-
-        ``from_pretrained`` calls this; call it yourself after attaching weights by hand.
-        """
-        for module in self.modules():
-            finish = getattr(module, "finish_loading", None)
-            if callable(finish) and module is not self:
-                finish()
-        return self.eval().requires_grad_(False)
+        return model.eval().requires_grad_(False)
 
     # ---- properties -------------------------------------------------------------------------------------------------
     @property
