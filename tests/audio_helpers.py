@@ -33,6 +33,14 @@ PUBLISHED_LIKE = dict(
     conf_num_attention_heads=4,
     sscp_conv_channel_size=[32, 16],
 )
+# The smallest working tower, for tests about the whole model rather than the encoder.
+TINY_AUDIO = dict(
+    hidden_size=32,
+    conf_num_attention_heads=2,
+    conf_num_hidden_layers=1,
+    sscp_conv_channel_size=[8, 4],
+    input_feat_size=16,
+)
 # Everything that could be hard-coded changed: chunking, context (with look-ahead), conv kernels and strides,
 # reduction, mel bins, head count; and a gradient_clipping low enough that the clamps really cut.
 ALTERNATE = dict(

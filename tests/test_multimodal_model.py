@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from audio_helpers import TINY_AUDIO
 from audio_helpers import _randomise as randomise_audio
 from conftest import randomize, rel_err
 from vision_helpers import VISION_MODEL_ARGS, _perturb_constant_params, single_thread
@@ -42,15 +43,7 @@ def reference():
         activation_sparsity_pattern=[0.9, 0.0, 0.0, 0.0],
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
     )
-    audio = transformers.Gemma3nAudioConfig(
-        hidden_size=32,
-        conf_num_attention_heads=2,
-        conf_num_hidden_layers=1,
-        sscp_conv_channel_size=[8, 4],
-        input_feat_size=16,
-        vocab_size=16,
-        vocab_offset=528,
-    )
+    audio = transformers.Gemma3nAudioConfig(**TINY_AUDIO, vocab_size=16, vocab_offset=528)
     vision = transformers.Gemma3nVisionConfig(
         model_args=dict(VISION_MODEL_ARGS), hidden_size=2048, vocab_size=16, vocab_offset=512
     )

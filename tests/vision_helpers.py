@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from audio_helpers import TINY_AUDIO
 from torch import nn
 
 from gemma3n.checkpoint import read_checkpoint_tensors
@@ -82,13 +83,7 @@ class _Reference:
             activation_sparsity_pattern=[0.0, 0.0],
             layer_types=["sliding_attention", "full_attention"],
         )
-        audio = transformers.Gemma3nAudioConfig(
-            hidden_size=32,
-            conf_num_attention_heads=2,
-            conf_num_hidden_layers=1,
-            sscp_conv_channel_size=[8, 4],
-            input_feat_size=16,
-        )
+        audio = transformers.Gemma3nAudioConfig(**TINY_AUDIO)
         vision = transformers.Gemma3nVisionConfig(model_args=dict(VISION_MODEL_ARGS))
         config = transformers.Gemma3nConfig(
             text_config=text, audio_config=audio, vision_config=vision, vision_soft_tokens_per_image=SOFT_TOKENS
