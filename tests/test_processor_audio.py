@@ -96,16 +96,9 @@ def test_batch_of_different_lengths_matches_reference(reference_extractor):
     assert_close(features2, ref2)
 
 
-@pytest.mark.parametrize("fft", ["scipy", "numpy"])
-def test_cpu_fft_paths_give_the_reference_magnitudes(reference_extractor, monkeypatch, fft):
-    """Both float64 FFTs of the CPU path (scipy's, and numpy's where scipy is missing), rounded to complex64, give
-    the reference's spectra: on a pure tone (weak bins 100 dB down) the features stay within 1e-6."""
-    import gemma3n.processors.audio as audio_module
-
-    if fft == "numpy":
-        monkeypatch.setattr(audio_module, "_scipy_fft", None)
-    else:
-        assert audio_module._scipy_fft is not None  # scipy is a declared dependency
+def test_cpu_path_gives_the_reference_magnitudes_on_a_pure_tone(reference_extractor):
+    """The CPU path's float64 FFT, rounded to complex64, gives the reference's spectra: on a pure tone (weak bins
+    100 dB down) the features stay within 1e-6."""
     tone = np.sin(2 * np.pi * 440 * np.arange(24000) / 16000).astype(np.float32)
     clips = [tone, speech_like(0.8, 16000, seed=31)]
     ref_features, ref_mask = reference_features(reference_extractor, clips)
@@ -113,6 +106,63 @@ def test_cpu_fft_paths_give_the_reference_magnitudes(reference_extractor, monkey
     features, mask = extractor(extractor.prepare(clips))
     assert_close(features, ref_features, atol=1e-6)
     assert torch.equal(mask, ref_mask)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_in_place_cpu_path_equals_padded_batch_path(reference_extractor, padding_side):
+    """__call__ reads clips in place and pads only the chunks at their ends; features(pad_batch(...)) works on a
+    padded copy. Both must give the same bits: clips spanning several chunks, one shorter than a chunk, a non-zero
+    padding value, padding to max_length and truncation."""
+    settings = AudioSettings(padding_side=padding_side, padding_value=0.25)
+    extractor = AudioFeatureExtractor(settings)
+    clips = extractor.prepare([speech_like(s, 16000, seed=40 + i) for i, s in enumerate((5.3, 0.9, 3.05))])
+    for kwargs in ({}, {"padding": "max_length", "max_length": 96_000}, {"max_length": 40_000}):
+        features, mask = extractor(clips, **kwargs)
+        batch, sample_mask = extractor.pad_batch(clips, **kwargs)
+        padded_features, padded_mask = extractor.features(batch, sample_mask)
+        assert torch.equal(features, padded_features), kwargs
+        assert torch.equal(mask, padded_mask), kwargs
+    if padding_side == "right":  # and the reference agrees with the default padding value
+        features, mask = AudioFeatureExtractor()(clips, padding="max_length", max_length=96_000)
+        ref_features, ref_mask = reference_features(
+            reference_extractor, [c.numpy() for c in clips], padding="max_length", max_length=96_000
+        )
+        assert_close(features, ref_features)
+        assert torch.equal(mask, ref_mask)
+
+
+def test_extractor_is_thread_safe_and_reports_worker_errors(monkeypatch):
+    """The extractor's worker threads are shared by concurrent calls (each gets its own results), and an error in
+    a work item reaches the caller without leaving the pool broken."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gemma3n.processors.audio as audio_module
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # helpers even on a 1-CPU machine
+    extractor = AudioFeatureExtractor()
+    batches = [
+        extractor.prepare([speech_like(3.1, 16000, seed=50 + i), speech_like(1.7, 16000, seed=60 + i)])
+        for i in range(4)
+    ]
+    expected = [extractor(batch)[0] for batch in batches]
+    with ThreadPoolExecutor(4) as callers:
+        results = list(callers.map(lambda batch: extractor(batch)[0], batches))
+    assert all(torch.equal(r, e) for r, e in zip(results, expected, strict=True))
+
+    original = audio_module._ChunkBuffers.mel
+    calls = []
+
+    def failing(self, x, n, window, out):
+        calls.append(n)
+        if len(calls) == 3:
+            raise RuntimeError("boom in chunk 3")
+        return original(self, x, n, window, out)
+
+    monkeypatch.setattr(audio_module._ChunkBuffers, "mel", failing)
+    with pytest.raises(RuntimeError, match="boom in chunk 3"):
+        extractor(batches[0])
+    monkeypatch.setattr(audio_module._ChunkBuffers, "mel", original)
+    assert torch.equal(extractor(batches[0])[0], expected[0])
 
 
 def test_truncation_at_30_seconds(reference_extractor):

@@ -13,27 +13,24 @@ into runs of frames that worker threads process:
 Precision: the reference's FFT is numpy's, whose float32 transform equals the float64 transform rounded to
 complex64. That accuracy matters: the pre-emphasis leaves the lowest mel bins 40-120 dB below the frame's
 energy, and a float32 FFT's rounding error (relative to the whole frame) moves their log values by up to 0.06
-on pure tones. So the CPU path transforms in float64 too (scipy's pocketfft, or numpy's) and rounds to complex64:
-spectra bit-identical to the reference's. The torch path (CUDA tensors, or fft_backend="torch") transforms in
-float64 as well.
+on pure tones. So the CPU path transforms in float64 too (numpy's FFT) and rounds to complex64: spectra
+bit-identical to the reference's. The torch path (CUDA tensors, or fft_backend="torch") transforms in float64 as
+well.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-
-try:
-    import scipy.fft as _scipy_fft  # optional: a faster float64 FFT than numpy's (librosa depends on scipy)
-except ImportError:
-    _scipy_fft = None
 
 from .audio_io import prepare_waveform
 from .files import ConfigError, get_bool, get_float, get_float_list, get_int, get_str
@@ -160,8 +157,9 @@ def _round_up(n: int, multiple: int | None) -> int:
 class AudioFeatureExtractor:
     """Batched log-mel features: `extractor(waveforms)` -> (input_features [B, F, M], input_features_mask [B, F]).
 
-    fft_backend: "auto" / "numpy" use numpy's FFT for CPU tensors (spectra bit-identical to the reference's);
-    "torch" uses float64 torch.fft everywhere (tensors on other devices always do), equal to within ~1e-6.
+    fft_backend: "auto" / "numpy" use numpy's FFT for CPU tensors, on frame chunks in worker threads (spectra
+    bit-identical to the reference's); "torch" uses float64 torch.fft on the whole batch at once (tensors on other
+    devices always do), equal to within ~1e-6.
     """
 
     def __init__(self, settings: AudioSettings | None = None, fft_backend: str = "auto"):
@@ -177,6 +175,7 @@ class AudioFeatureExtractor:
         self._mel_bank = _BandedMelBank(filters)
         self.per_bin_mean = None if s.per_bin_mean is None else torch.tensor(s.per_bin_mean, dtype=torch.float32)
         self.per_bin_stddev = None if s.per_bin_stddev is None else torch.tensor(s.per_bin_stddev, dtype=torch.float32)
+        self._workers = _WorkerPool(functools.partial(_ChunkBuffers, s, self._mel_bank))
 
     @property
     def sampling_rate(self) -> int:
@@ -196,30 +195,12 @@ class AudioFeatureExtractor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Truncate, pad and stack: ([B, T] samples, [B, T] bool sample mask), with the reference's length rules
         (the cap is rounded up to the multiple first; the padded length is always a multiple)."""
-        if not waveforms:
-            raise ValueError("no audio given")
-        limit = None
-        if truncation:
-            if max_length is None:
-                raise ValueError("truncation=True needs max_length")
-            limit = _round_up(max_length, pad_to_multiple_of)
-        lengths = [w.shape[-1] if limit is None else min(w.shape[-1], limit) for w in waveforms]
-        if padding in (True, "longest"):
-            target = _round_up(max(lengths), pad_to_multiple_of)
-        elif padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            target = _round_up(max(max(lengths), max_length), pad_to_multiple_of)
-        else:
-            raise ValueError(f"audio padding must be True, 'longest' or 'max_length', got {padding!r}")
-        s = self.settings
-        # numpy for these cheap copies: no thread-pool start-up cost per call
-        batch = np.full((len(waveforms), target), s.padding_value, dtype=np.float32)
-        sample_mask = np.zeros((len(waveforms), target), dtype=np.bool_)
-        for row, (wave, n) in enumerate(zip(waveforms, lengths, strict=True)):
-            span = slice(0, n) if s.padding_side == "right" else slice(target - n, target)
-            batch[row, span] = wave[:n].detach().cpu().to(torch.float32).numpy()
-            sample_mask[row, span] = True
+        layout = _BatchLayout.of(waveforms, max_length, truncation, pad_to_multiple_of, padding, self.settings)
+        batch = np.full((len(waveforms), layout.length), self.settings.padding_value, dtype=np.float32)
+        sample_mask = np.zeros((len(waveforms), layout.length), dtype=np.bool_)
+        for row, (wave, start, n) in enumerate(zip(waveforms, layout.starts, layout.lengths, strict=True)):
+            batch[row, start : start + n] = _clip_samples(wave, n)
+            sample_mask[row, start : start + n] = True
         return torch.from_numpy(batch), torch.from_numpy(sample_mask)
 
     def __call__(
@@ -231,34 +212,55 @@ class AudioFeatureExtractor:
         padding: bool | str = "longest",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mono 16 kHz float32 clips -> (features [B, F, n_mels] float32, mask [B, F] bool)."""
-        batch, sample_mask = self.pad_batch(waveforms, max_length, truncation, pad_to_multiple_of, padding)
-        return self.features(batch, sample_mask)
+        s = self.settings
+        if self.fft_backend == "torch" or s.dither > 0 or s.input_scale_factor != 1.0:
+            batch, sample_mask = self.pad_batch(waveforms, max_length, truncation, pad_to_multiple_of, padding)
+            return self.features(batch, sample_mask)
+        # CPU path without a padded copy of the batch: the workers read each clip in place and pad only the
+        # chunks that reach past its ends.
+        layout = _BatchLayout.of(waveforms, max_length, truncation, pad_to_multiple_of, padding, s)
+        n_frames = self._frame_count(layout.length, max(layout.lengths))
+        clips = [_clip_samples(wave, n) for wave, n in zip(waveforms, layout.lengths, strict=True)]
+        features = torch.from_numpy(self._log_mel_numpy(clips, layout, n_frames))
+        frame_starts = np.arange(n_frames)[None, :] * s.hop_length  # frame f is valid iff its 1st sample is real
+        starts, lengths = np.array(layout.starts)[:, None], np.array(layout.lengths)[:, None]
+        mask = torch.from_numpy((frame_starts >= starts) & (frame_starts < starts + lengths))
+        return self._normalize(features), mask
 
     def features(self, batch: torch.Tensor, sample_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel features of a padded batch [B, T] (see the module docstring for the steps)."""
         s = self.settings
-        n_frames = (batch.shape[-1] - (s.frame_length + 1)) // s.hop_length + 1
-        if n_frames <= 0:
-            raise ValueError(
-                f"audio too short: {int(sample_mask.sum(-1).max())} samples, but one frame needs "
-                f"{s.frame_length + 1} samples ({1000 * (s.frame_length + 1) / s.sampling_rate:.1f} ms at "
-                f"{s.sampling_rate} Hz)"
-            )
+        n_frames = self._frame_count(batch.shape[-1], int(sample_mask.sum(-1).max()))
         if s.dither > 0:
             batch = batch + s.dither * torch.randn_like(batch)
         if s.input_scale_factor != 1.0:
             batch = batch * s.input_scale_factor
-        if self.fft_backend == "torch" or batch.device.type != "cpu":  # numpy's FFT needs CPU memory
+        if self.fft_backend == "torch" or batch.device.type != "cpu":
             features = self._log_mel_torch(batch, n_frames)
         else:
-            mel = torch.from_numpy(self._mel_numpy(batch.to(torch.float32).numpy(), n_frames))
-            features = mel.clamp_min_(s.mel_floor).log_()  # vectorized torch log over the whole batch
+            rows = list(batch.to(torch.float32).numpy())
+            layout = _BatchLayout(batch.shape[-1], [0] * len(rows), [batch.shape[-1]] * len(rows))
+            features = torch.from_numpy(self._log_mel_numpy(rows, layout, n_frames))
+        mask = sample_mask[:, :: s.hop_length][:, :n_frames].to(features.device)  # frame valid iff 1st sample real
+        return self._normalize(features), mask
+
+    def _frame_count(self, padded_length: int, longest_clip: int) -> int:
+        s = self.settings
+        n_frames = (padded_length - (s.frame_length + 1)) // s.hop_length + 1
+        if n_frames <= 0:
+            raise ValueError(
+                f"audio too short: {longest_clip} samples, but one frame needs {s.frame_length + 1} samples "
+                f"({1000 * (s.frame_length + 1) / s.sampling_rate:.1f} ms at {s.sampling_rate} Hz)"
+            )
+        return n_frames
+
+    def _normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """The optional per-bin normalization, in place."""
         if self.per_bin_mean is not None:
             features -= self.per_bin_mean.to(features.device)
         if self.per_bin_stddev is not None:
             features /= self.per_bin_stddev.to(features.device)
-        mask = sample_mask[:, :: s.hop_length][:, :n_frames].to(features.device)  # frame valid iff 1st sample real
-        return features, mask
+        return features
 
     def _log_mel_torch(self, batch: torch.Tensor, n_frames: int) -> torch.Tensor:
         """The whole batch at once with torch ops: [B, T] -> [B, F, n_mels]."""
@@ -277,39 +279,144 @@ class AudioFeatureExtractor:
         mel = torch.matmul(spectrum.abs(), self.mel_filters.to(batch.device, torch.float64))  # [B, F, n_mels]
         return torch.log(mel.clamp_min_(s.mel_floor)).float()
 
-    def _mel_numpy(self, batch: np.ndarray, n_frames: int) -> np.ndarray:
-        """CPU path, mel energies (before the floor and log): [B, T] float32 -> [B, F, n_mels] float32.
+    def _log_mel_numpy(self, clips: list[np.ndarray], layout: _BatchLayout, n_frames: int) -> np.ndarray:
+        """CPU path: clips placed in a padded batch by `layout` -> [B, F, n_mels] float32 log-mel, in chunks on the
+        worker threads.
 
-        Work items are runs of up to _FRAMES_PER_CHUNK frames of one clip. Each worker thread reuses its own
-        scratch buffers: freshly allocated multi-megabyte arrays cost more in page faults than the FFT itself, and
-        small chunks keep the FFT's working set in cache. numpy's FFT, abs and matmul release the GIL, so the
-        chunks run in parallel on torch's thread budget.
+        Work items are runs of up to _FRAMES_PER_CHUNK frames of one clip; small chunks keep the FFT's working set
+        in cache. The FFTs, numpy's ufuncs and its matmul release the GIL, so the chunks run in parallel on torch's
+        thread budget.
         """
-        out = np.empty((batch.shape[0], n_frames, self.settings.feature_size), dtype=np.float32)
+        s = self.settings
+        frame, hop = s.frame_length, s.hop_length
+        out = np.empty((len(clips), n_frames, s.feature_size), dtype=np.float32)
         chunks = [
             (row, first, min(first + _FRAMES_PER_CHUNK, n_frames))
-            for row in range(batch.shape[0])
+            for row in range(len(clips))
             for first in range(0, n_frames, _FRAMES_PER_CHUNK)
         ]
-        scratch = threading.local()
 
-        def run(chunk: tuple[int, int, int]) -> None:
-            if not hasattr(scratch, "buffers"):
-                scratch.buffers = _ChunkBuffers(self.settings, self._mel_bank)
+        def run(buffers: _ChunkBuffers, chunk: tuple[int, int, int]) -> None:
             row, first, end = chunk
-            scratch.buffers.mel(batch[row], first, end, self._window_np, out[row, first:end])
+            # the padded-batch samples [first * hop, (end - 1) * hop + frame + 1) that these frames use
+            x = _padded_span(clips[row], layout.starts[row], first * hop, (end - 1) * hop + frame + 1, s)
+            mel = out[row, first:end]
+            buffers.mel(x, end - first, self._window_np, mel)
+            np.log(np.maximum(mel, s.mel_floor, out=mel), out=mel)
 
-        workers = min(torch.get_num_threads(), len(chunks))
-        # One BLAS thread per worker: the small mel matmuls gain nothing from numpy's OpenBLAS threads, which would
-        # otherwise fight the workers for the cores (and spin on them after each call).
         with _single_threaded_blas():
-            if workers > 1:
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(run, chunks))
-            else:
-                for chunk in chunks:
-                    run(chunk)
+            self._workers.run(run, chunks)
         return out
+
+
+@dataclass(frozen=True)
+class _BatchLayout:
+    """Where each clip sits in the padded batch: samples [starts[i], starts[i] + lengths[i]) of `length`."""
+
+    length: int
+    starts: list[int]
+    lengths: list[int]
+
+    @classmethod
+    def of(
+        cls,
+        waveforms: list[torch.Tensor],
+        max_length: int | None,
+        truncation: bool,
+        pad_to_multiple_of: int | None,
+        padding: bool | str,
+        settings: AudioSettings,
+    ) -> _BatchLayout:
+        """The reference's length rules: truncate at max_length (rounded up to the multiple first), pad to the
+        longest clip or to max_length, always to a multiple."""
+        if not waveforms:
+            raise ValueError("no audio given")
+        limit = None
+        if truncation:
+            if max_length is None:
+                raise ValueError("truncation=True needs max_length")
+            limit = _round_up(max_length, pad_to_multiple_of)
+        lengths = [w.shape[-1] if limit is None else min(w.shape[-1], limit) for w in waveforms]
+        if padding in (True, "longest"):
+            length = _round_up(max(lengths), pad_to_multiple_of)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            length = _round_up(max(max(lengths), max_length), pad_to_multiple_of)
+        else:
+            raise ValueError(f"audio padding must be True, 'longest' or 'max_length', got {padding!r}")
+        starts = [0 if settings.padding_side == "right" else length - n for n in lengths]
+        return cls(length, starts, lengths)
+
+
+def _clip_samples(wave: torch.Tensor, n: int) -> np.ndarray:
+    """The first n samples of a clip as float32 numpy (a view when the clip already is float32 on the CPU)."""
+    return wave[:n].detach().cpu().to(torch.float32).numpy()
+
+
+def _padded_span(clip: np.ndarray, start: int, first: int, end: int, settings: AudioSettings) -> np.ndarray:
+    """Samples [first, end) of a padded row whose real samples `clip` sit at [start, start + len(clip)): a view
+    where the span lies inside the clip, else a copy filled with the padding value around the overlap."""
+    if start <= first and end <= start + clip.shape[0]:
+        return clip[first - start : end - start]
+    span = np.full(end - first, settings.padding_value, dtype=np.float32)
+    lo, hi = max(first, start), min(end, start + clip.shape[0])
+    if lo < hi:
+        span[lo - first : hi - first] = clip[lo - start : hi - start]
+    return span
+
+
+class _WorkerPool:
+    """Runs work items on the calling thread plus helper threads (torch's thread budget in all), which live as long
+    as their extractor. Each thread keeps its own scratch buffers from call to call: freshly allocated
+    multi-megabyte arrays cost more in page faults than the FFT itself. Items are handed out one at a time, so a
+    thread that is slow to wake up (an idle vCPU) just takes fewer of them.
+    """
+
+    def __init__(self, make_buffers: Callable[[], Any]):
+        self._make_buffers = make_buffers
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_threads = 0
+
+    def _helpers(self, count: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._pool_threads != count:  # first call, or torch's budget changed
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(count, "gemma3n-audio")
+                self._pool_threads = count
+            return self._pool
+
+    def run(self, fn: Callable[[Any, Any], None], items: list) -> None:
+        """fn(buffers, item) for every item; the first error is raised once all threads have stopped."""
+        pending = iter(items)
+        take = threading.Lock()
+        failed = threading.Event()
+
+        def drain() -> None:
+            buffers = getattr(self._local, "buffers", None)
+            if buffers is None:
+                buffers = self._local.buffers = self._make_buffers()
+            while not failed.is_set():
+                with take:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                try:
+                    fn(buffers, item)
+                except BaseException:
+                    failed.set()
+                    raise
+
+        helpers = min(torch.get_num_threads(), len(items)) - 1
+        futures = [self._helpers(helpers).submit(drain) for _ in range(helpers)] if helpers > 0 else []
+        try:
+            drain()
+        finally:
+            for future in futures:
+                future.result()
 
 
 class _BandedMelBank:
@@ -337,9 +444,8 @@ class _ChunkBuffers:
     """One worker thread's scratch buffers, and the per-chunk computation that fills them.
 
     The frames are computed in float32 exactly as the reference computes them, stored as float64 into a buffer
-    whose zero tail is the FFT's padding, and transformed in float64. numpy's float32 rFFT (the reference's) equals
-    the float64 transform rounded to complex64 bit for bit; scipy's pocketfft does the float64 transform about 1.5x
-    faster than numpy's (it vectorizes across rows), so it is used when present.
+    whose zero tail is the FFT's padding, and transformed in float64: numpy's float32 rFFT (the reference's) equals
+    the float64 transform rounded to complex64.
     """
 
     def __init__(self, settings: AudioSettings, mel_bank: _BandedMelBank):
@@ -347,19 +453,15 @@ class _ChunkBuffers:
         self.mel_bank = mel_bank
         rows, frame = _FRAMES_PER_CHUNK, settings.frame_length
         self.padded_frames = np.zeros((rows, settings.fft_length), dtype=np.float64)  # [rows, n_fft], tail stays 0
-        # numpy's FFT writes into this (scipy's allocates its own result)
-        spectrum_rows = rows if _scipy_fft is None else 0
-        self.spectrum = np.empty((spectrum_rows, settings.fft_length // 2 + 1), dtype=np.complex128)
+        self.spectrum = np.empty((rows, settings.fft_length // 2 + 1), dtype=np.complex128)
         self.band = np.empty((rows, mel_bank.end_bin - mel_bank.first_bin), dtype=np.complex64)
         self.magnitude = np.empty((rows, mel_bank.end_bin - mel_bank.first_bin), dtype=np.float32)
         self.emphasized = np.empty((rows - 1) * settings.hop_length + frame, dtype=np.float32)
 
-    def mel(self, wave: np.ndarray, first: int, end: int, window: np.ndarray, out: np.ndarray) -> None:
-        """Mel energies of frames [first, end) of one padded clip `wave` [T], written into out [end - first, n_mels]."""
+    def mel(self, x: np.ndarray, n: int, window: np.ndarray, out: np.ndarray) -> None:
+        """Mel energies of the n frames in samples x [(n - 1) * hop + frame + 1], written into out [n, n_mels]."""
         s, bank = self.settings, self.mel_bank
         frame, hop, p = s.frame_length, s.hop_length, s.preemphasis
-        n = end - first
-        x = wave[first * hop : (end - 1) * hop + frame + 1]  # the samples these frames use
         # numpy multiplies float32 inputs in float32 and only then widens into the float64 `out`
         frames = self.padded_frames[:n, :frame]
         if p <= 0:
@@ -375,10 +477,7 @@ class _ChunkBuffers:
                 np.multiply(x[: n * hop : hop] * (1.0 - p), window[0], out=frames[:, 0])
             else:  # frame at t: x[t+1 .. t+frame] - p x[t .. t+frame-1]
                 np.multiply(_frames_view(emphasized, n, frame, hop), window, out=frames)
-        if _scipy_fft is not None:
-            spectrum = _scipy_fft.rfft(self.padded_frames[:n], axis=-1)  # [n, n_fft // 2 + 1] complex128
-        else:
-            spectrum = np.fft.rfft(self.padded_frames[:n], axis=-1, out=self.spectrum[:n])
+        spectrum = np.fft.rfft(self.padded_frames[:n], axis=-1, out=self.spectrum[:n])  # [n, n_fft // 2 + 1]
         # rounding the used bins to complex64 first gives the reference's spectrum exactly (and a faster abs)
         band = self.band[:n]
         np.copyto(band, spectrum[:, bank.first_bin : bank.end_bin], casting="same_kind")
@@ -387,11 +486,21 @@ class _ChunkBuffers:
             np.matmul(magnitude[:, bin0 - bank.first_bin : bin1 - bank.first_bin], weights, out=out[:, mel0:mel1])
 
 
+def _frames_view(samples: np.ndarray, n: int, length: int, hop: int) -> np.ndarray:
+    """[n, length] read-only strided view: row i is samples[i * hop : i * hop + length]."""
+    step = samples.strides[0]
+    return np.lib.stride_tricks.as_strided(samples, (n, length), (hop * step, step), writeable=False)
+
+
 _BLAS_CONTROLLER: Any = None
 
 
 def _single_threaded_blas() -> Any:
-    """Context manager limiting numpy's BLAS to one thread (a no-op where threadpoolctl is not installed)."""
+    """Context manager limiting numpy's BLAS to one thread (a no-op where threadpoolctl is not installed).
+
+    The workers' small mel matmuls gain nothing from numpy's OpenBLAS threads, which would otherwise fight the
+    workers for the cores (and spin on them after each call).
+    """
     global _BLAS_CONTROLLER
     if _BLAS_CONTROLLER is None:
         try:
@@ -401,9 +510,3 @@ def _single_threaded_blas() -> Any:
         else:
             _BLAS_CONTROLLER = ThreadpoolController()  # scans the loaded libraries once
     return _BLAS_CONTROLLER.limit(limits=1, user_api="blas") if _BLAS_CONTROLLER else contextlib.nullcontext()
-
-
-def _frames_view(samples: np.ndarray, n: int, length: int, hop: int) -> np.ndarray:
-    """[n, length] read-only strided view: row i is samples[i * hop : i * hop + length]."""
-    step = samples.strides[0]
-    return np.lib.stride_tricks.as_strided(samples, (n, length), (hop * step, step), writeable=False)
