@@ -132,11 +132,19 @@ def test_in_place_cpu_path_equals_padded_batch_path(reference_extractor, padding
 
 
 def test_extractor_is_thread_safe_and_reports_worker_errors(monkeypatch):
-    """The extractor's worker threads are shared by concurrent calls (each gets its own results), and an error in
-    a work item reaches the caller without leaving the pool broken."""
+    """The extractor's worker threads are shared by concurrent calls: each gets the bits a lone call gets (numpy's
+    BLAS stays limited to one thread until the last overlapping call ends, then gets its setting back), and an
+    error in a work item reaches the caller without leaving the pool broken."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import gemma3n.processors.audio as audio_module
+    from threadpoolctl import threadpool_info
+
+    import gemma3n.processors.audio_cpu as audio_module
+
+    def blas_threads() -> list[int]:
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    blas_before = blas_threads()
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # helpers even on a 1-CPU machine
     extractor = AudioFeatureExtractor()
@@ -148,6 +156,7 @@ def test_extractor_is_thread_safe_and_reports_worker_errors(monkeypatch):
     with ThreadPoolExecutor(4) as callers:
         results = list(callers.map(lambda batch: extractor(batch)[0], batches))
     assert all(torch.equal(r, e) for r, e in zip(results, expected, strict=True))
+    assert blas_threads() == blas_before
 
     original = audio_module._ChunkBuffers.mel
     calls = []
@@ -163,6 +172,7 @@ def test_extractor_is_thread_safe_and_reports_worker_errors(monkeypatch):
         extractor(batches[0])
     monkeypatch.setattr(audio_module._ChunkBuffers, "mel", original)
     assert torch.equal(extractor(batches[0])[0], expected[0])
+    assert blas_threads() == blas_before
 
 
 def test_truncation_at_30_seconds(reference_extractor):

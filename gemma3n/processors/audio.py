@@ -20,22 +20,16 @@ well.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from .audio_cpu import CpuLogMel
 from .audio_io import prepare_waveform
 from .files import ConfigError, get_bool, get_float, get_float_list, get_int, get_str
-
-_FRAMES_PER_CHUNK = 256  # frames of one clip per work item on the CPU path (192-1024 measured alike)
 
 
 @dataclass(frozen=True)
@@ -168,14 +162,13 @@ class AudioFeatureExtractor:
         self.settings = settings or AudioSettings()
         self.fft_backend = fft_backend
         s = self.settings
-        self._window_np = hann_window(s.frame_length)  # [frame_length] float32
-        self.window = torch.from_numpy(self._window_np)
+        window = hann_window(s.frame_length)  # [frame_length] float32
+        self.window = torch.from_numpy(window)
         filters = mel_filter_bank(s).astype(np.float32)  # [n_fft // 2 + 1, n_mels]
         self.mel_filters = torch.from_numpy(filters)
-        self._mel_bank = _BandedMelBank(filters)
+        self._cpu_log_mel = CpuLogMel(s, window, filters)
         self.per_bin_mean = None if s.per_bin_mean is None else torch.tensor(s.per_bin_mean, dtype=torch.float32)
         self.per_bin_stddev = None if s.per_bin_stddev is None else torch.tensor(s.per_bin_stddev, dtype=torch.float32)
-        self._workers = _WorkerPool(functools.partial(_ChunkBuffers, s, self._mel_bank))
 
     @property
     def sampling_rate(self) -> int:
@@ -221,7 +214,7 @@ class AudioFeatureExtractor:
         layout = _BatchLayout.of(waveforms, max_length, truncation, pad_to_multiple_of, padding, s)
         n_frames = self._frame_count(layout.length, max(layout.lengths))
         clips = [_clip_samples(wave, n) for wave, n in zip(waveforms, layout.lengths, strict=True)]
-        features = torch.from_numpy(self._log_mel_numpy(clips, layout, n_frames))
+        features = torch.from_numpy(self._cpu_log_mel(clips, layout.starts, n_frames))
         frame_starts = np.arange(n_frames)[None, :] * s.hop_length  # frame f is valid iff its 1st sample is real
         starts, lengths = np.array(layout.starts)[:, None], np.array(layout.lengths)[:, None]
         mask = torch.from_numpy((frame_starts >= starts) & (frame_starts < starts + lengths))
@@ -239,8 +232,7 @@ class AudioFeatureExtractor:
             features = self._log_mel_torch(batch, n_frames)
         else:
             rows = list(batch.to(torch.float32).numpy())
-            layout = _BatchLayout(batch.shape[-1], [0] * len(rows), [batch.shape[-1]] * len(rows))
-            features = torch.from_numpy(self._log_mel_numpy(rows, layout, n_frames))
+            features = torch.from_numpy(self._cpu_log_mel(rows, [0] * len(rows), n_frames))
         mask = sample_mask[:, :: s.hop_length][:, :n_frames].to(features.device)  # frame valid iff 1st sample real
         return self._normalize(features), mask
 
@@ -278,35 +270,6 @@ class AudioFeatureExtractor:
         spectrum = torch.fft.rfft((frames * window).double(), n=s.fft_length)  # [B, F, n_fft // 2 + 1]
         mel = torch.matmul(spectrum.abs(), self.mel_filters.to(batch.device, torch.float64))  # [B, F, n_mels]
         return torch.log(mel.clamp_min_(s.mel_floor)).float()
-
-    def _log_mel_numpy(self, clips: list[np.ndarray], layout: _BatchLayout, n_frames: int) -> np.ndarray:
-        """CPU path: clips placed in a padded batch by `layout` -> [B, F, n_mels] float32 log-mel, in chunks on the
-        worker threads.
-
-        Work items are runs of up to _FRAMES_PER_CHUNK frames of one clip; small chunks keep the FFT's working set
-        in cache. The FFTs, numpy's ufuncs and its matmul release the GIL, so the chunks run in parallel on torch's
-        thread budget.
-        """
-        s = self.settings
-        frame, hop = s.frame_length, s.hop_length
-        out = np.empty((len(clips), n_frames, s.feature_size), dtype=np.float32)
-        chunks = [
-            (row, first, min(first + _FRAMES_PER_CHUNK, n_frames))
-            for row in range(len(clips))
-            for first in range(0, n_frames, _FRAMES_PER_CHUNK)
-        ]
-
-        def run(buffers: _ChunkBuffers, chunk: tuple[int, int, int]) -> None:
-            row, first, end = chunk
-            # the padded-batch samples [first * hop, (end - 1) * hop + frame + 1) that these frames use
-            x = _padded_span(clips[row], layout.starts[row], first * hop, (end - 1) * hop + frame + 1, s)
-            mel = out[row, first:end]
-            buffers.mel(x, end - first, self._window_np, mel)
-            np.log(np.maximum(mel, s.mel_floor, out=mel), out=mel)
-
-        with _single_threaded_blas():
-            self._workers.run(run, chunks)
-        return out
 
 
 @dataclass(frozen=True)
@@ -352,161 +315,3 @@ class _BatchLayout:
 def _clip_samples(wave: torch.Tensor, n: int) -> np.ndarray:
     """The first n samples of a clip as float32 numpy (a view when the clip already is float32 on the CPU)."""
     return wave[:n].detach().cpu().to(torch.float32).numpy()
-
-
-def _padded_span(clip: np.ndarray, start: int, first: int, end: int, settings: AudioSettings) -> np.ndarray:
-    """Samples [first, end) of a padded row whose real samples `clip` sit at [start, start + len(clip)): a view
-    where the span lies inside the clip, else a copy filled with the padding value around the overlap."""
-    if start <= first and end <= start + clip.shape[0]:
-        return clip[first - start : end - start]
-    span = np.full(end - first, settings.padding_value, dtype=np.float32)
-    lo, hi = max(first, start), min(end, start + clip.shape[0])
-    if lo < hi:
-        span[lo - first : hi - first] = clip[lo - start : hi - start]
-    return span
-
-
-class _WorkerPool:
-    """Runs work items on the calling thread plus helper threads (torch's thread budget in all), which live as long
-    as their extractor. Each thread keeps its own scratch buffers from call to call: freshly allocated
-    multi-megabyte arrays cost more in page faults than the FFT itself. Items are handed out one at a time, so a
-    thread that is slow to wake up (an idle vCPU) just takes fewer of them.
-    """
-
-    def __init__(self, make_buffers: Callable[[], Any]):
-        self._make_buffers = make_buffers
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_threads = 0
-
-    def _helpers(self, count: int) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None or self._pool_threads != count:  # first call, or torch's budget changed
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False)
-                self._pool = ThreadPoolExecutor(count, "gemma3n-audio")
-                self._pool_threads = count
-            return self._pool
-
-    def run(self, fn: Callable[[Any, Any], None], items: list) -> None:
-        """fn(buffers, item) for every item; the first error is raised once all threads have stopped."""
-        pending = iter(items)
-        take = threading.Lock()
-        failed = threading.Event()
-
-        def drain() -> None:
-            buffers = getattr(self._local, "buffers", None)
-            if buffers is None:
-                buffers = self._local.buffers = self._make_buffers()
-            while not failed.is_set():
-                with take:
-                    item = next(pending, None)
-                if item is None:
-                    return
-                try:
-                    fn(buffers, item)
-                except BaseException:
-                    failed.set()
-                    raise
-
-        helpers = min(torch.get_num_threads(), len(items)) - 1
-        futures = [self._helpers(helpers).submit(drain) for _ in range(helpers)] if helpers > 0 else []
-        try:
-            drain()
-        finally:
-            for future in futures:
-                future.result()
-
-
-class _BandedMelBank:
-    """The mel filters as blocks of consecutive filters, each with only the FFT bins where it is non-zero.
-
-    Triangular filters are sparse (each FFT bin feeds at most two of them), so 8 small matmuls over their own bin
-    ranges do about a tenth of the work of the dense [n_fft // 2 + 1, n_mels] matmul (same result up to the
-    float32 summation order).
-    """
-
-    def __init__(self, filters: np.ndarray, filters_per_block: int = 16):
-        used_bins = np.nonzero(filters.any(axis=1))[0]
-        self.first_bin = int(used_bins[0]) if used_bins.size else 0
-        self.end_bin = int(used_bins[-1]) + 1 if used_bins.size else 1
-        self.blocks: list[tuple[int, int, int, int, np.ndarray]] = []  # (mel0, mel1, bin0, bin1, weights)
-        for mel0 in range(0, filters.shape[1], filters_per_block):
-            mel1 = min(mel0 + filters_per_block, filters.shape[1])
-            bins = np.nonzero(filters[:, mel0:mel1].any(axis=1))[0]
-            bin0, bin1 = (int(bins[0]), int(bins[-1]) + 1) if bins.size else (self.first_bin, self.first_bin + 1)
-            weights = np.ascontiguousarray(filters[bin0:bin1, mel0:mel1], dtype=np.float32)
-            self.blocks.append((mel0, mel1, bin0, bin1, weights))
-
-
-class _ChunkBuffers:
-    """One worker thread's scratch buffers, and the per-chunk computation that fills them.
-
-    The frames are computed in float32 exactly as the reference computes them, stored as float64 into a buffer
-    whose zero tail is the FFT's padding, and transformed in float64: numpy's float32 rFFT (the reference's) equals
-    the float64 transform rounded to complex64.
-    """
-
-    def __init__(self, settings: AudioSettings, mel_bank: _BandedMelBank):
-        self.settings = settings
-        self.mel_bank = mel_bank
-        rows, frame = _FRAMES_PER_CHUNK, settings.frame_length
-        self.padded_frames = np.zeros((rows, settings.fft_length), dtype=np.float64)  # [rows, n_fft], tail stays 0
-        self.spectrum = np.empty((rows, settings.fft_length // 2 + 1), dtype=np.complex128)
-        self.band = np.empty((rows, mel_bank.end_bin - mel_bank.first_bin), dtype=np.complex64)
-        self.magnitude = np.empty((rows, mel_bank.end_bin - mel_bank.first_bin), dtype=np.float32)
-        self.emphasized = np.empty((rows - 1) * settings.hop_length + frame, dtype=np.float32)
-
-    def mel(self, x: np.ndarray, n: int, window: np.ndarray, out: np.ndarray) -> None:
-        """Mel energies of the n frames in samples x [(n - 1) * hop + frame + 1], written into out [n, n_mels]."""
-        s, bank = self.settings, self.mel_bank
-        frame, hop, p = s.frame_length, s.hop_length, s.preemphasis
-        # numpy multiplies float32 inputs in float32 and only then widens into the float64 `out`
-        frames = self.padded_frames[:n, :frame]
-        if p <= 0:
-            np.multiply(_frames_view(x, n, frame, hop), window, out=frames)
-        else:
-            # Pre-emphasis once over the chunk, frames as strided views into it: the same float32 operations as
-            # the reference's per-frame pre-emphasis, so the frames agree bit for bit.
-            emphasized = self.emphasized[: x.shape[0] - 1]  # emphasized[i] = x[i + 1] - p x[i]
-            np.multiply(x[:-1], p, out=emphasized)
-            np.subtract(x[1:], emphasized, out=emphasized)
-            if s.preemphasis_htk_flavor:  # frame at t: [x[t] (1 - p), x[t+1] - p x[t], ...]
-                np.multiply(_frames_view(emphasized, n, frame - 1, hop), window[1:], out=frames[:, 1:])
-                np.multiply(x[: n * hop : hop] * (1.0 - p), window[0], out=frames[:, 0])
-            else:  # frame at t: x[t+1 .. t+frame] - p x[t .. t+frame-1]
-                np.multiply(_frames_view(emphasized, n, frame, hop), window, out=frames)
-        spectrum = np.fft.rfft(self.padded_frames[:n], axis=-1, out=self.spectrum[:n])  # [n, n_fft // 2 + 1]
-        # rounding the used bins to complex64 first gives the reference's spectrum exactly (and a faster abs)
-        band = self.band[:n]
-        np.copyto(band, spectrum[:, bank.first_bin : bank.end_bin], casting="same_kind")
-        magnitude = np.abs(band, out=self.magnitude[:n])
-        for mel0, mel1, bin0, bin1, weights in bank.blocks:
-            np.matmul(magnitude[:, bin0 - bank.first_bin : bin1 - bank.first_bin], weights, out=out[:, mel0:mel1])
-
-
-def _frames_view(samples: np.ndarray, n: int, length: int, hop: int) -> np.ndarray:
-    """[n, length] read-only strided view: row i is samples[i * hop : i * hop + length]."""
-    step = samples.strides[0]
-    return np.lib.stride_tricks.as_strided(samples, (n, length), (hop * step, step), writeable=False)
-
-
-_BLAS_CONTROLLER: Any = None
-
-
-def _single_threaded_blas() -> Any:
-    """Context manager limiting numpy's BLAS to one thread (a no-op where threadpoolctl is not installed).
-
-    The workers' small mel matmuls gain nothing from numpy's OpenBLAS threads, which would otherwise fight the
-    workers for the cores (and spin on them after each call).
-    """
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _BLAS_CONTROLLER = False
-        else:
-            _BLAS_CONTROLLER = ThreadpoolController()  # scans the loaded libraries once
-    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas") if _BLAS_CONTROLLER else contextlib.nullcontext()
