@@ -8,6 +8,8 @@ The reference does not resample, so for other rates the reference input is torch
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -173,6 +175,28 @@ def test_extractor_is_thread_safe_and_reports_worker_errors(monkeypatch):
     monkeypatch.setattr(audio_module._ChunkBuffers, "mel", original)
     assert torch.equal(extractor(batches[0])[0], expected[0])
     assert blas_threads() == blas_before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_extractor_works_in_a_forked_child(monkeypatch):
+    """DataLoader workers are forked: the child has none of the parent's helper threads, so the extractor must
+    start new ones instead of waiting forever on the copied pool."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    extractor = AudioFeatureExtractor()
+    clips = extractor.prepare([speech_like(3.1, 16000, seed=70), speech_like(2.0, 16000, seed=71)])
+    parent = extractor(clips)[0]  # the parent's helper threads now exist
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit code, never return into pytest
+        code = 1
+        try:
+            signal.alarm(30)  # a hang ends the child with SIGALRM
+            # compared in numpy: torch's own OpenMP ops can hang in a forked child (why DataLoader workers use
+            # one torch thread); the extractor itself must not
+            code = 0 if np.array_equal(extractor(clips)[0].numpy(), parent.numpy()) else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child hung (-14) or got other features (3)"
 
 
 def test_truncation_at_30_seconds(reference_extractor):

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -88,6 +90,11 @@ class _WorkerPool:
     def __init__(self, make_buffers: Callable[[], Any]):
         self._make_buffers = make_buffers
         self._local = threading.local()
+        self._forget_threads()
+        _after_fork_in_child(self, _WorkerPool._forget_threads)
+
+    def _forget_threads(self) -> None:
+        """Start over without helper threads (also in a forked child, which has none of its parent's threads)."""
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_threads = 0
@@ -216,10 +223,16 @@ class _OneBlasThread:
     """
 
     def __init__(self) -> None:
+        self._controller: Any = None
+        self._forget_threads()
+        _after_fork_in_child(self, _OneBlasThread._forget_threads)
+
+    def _forget_threads(self) -> None:
+        """Start over with a new control thread (also in a forked child, where the parent's threads do not exist;
+        the child keeps the BLAS setting it was forked with)."""
         self._lock = threading.Lock()
         self._inside = 0
-        self._controller: Any = None
-        self._limiter: Any = None
+        self._limiter = None
         self._control_thread = ThreadPoolExecutor(1, "gemma3n-blas-limit")
 
     def _set(self) -> Any:
@@ -250,6 +263,20 @@ class _OneBlasThread:
                 if self._inside == 0 and self._limiter is not None:
                     limiter, self._limiter = self._limiter, None
                     self._control_thread.submit(limiter.__exit__, None, None, None).result()
+
+
+def _after_fork_in_child(instance: Any, reset: Callable[[Any], None]) -> None:
+    """Call reset(instance) in every forked child while the instance lives (e.g. DataLoader workers): a thread pool
+    copied by fork has no threads, and work handed to it would wait forever."""
+    ref = weakref.ref(instance)
+
+    def in_child() -> None:
+        alive = ref()
+        if alive is not None:
+            reset(alive)
+
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=in_child)
 
 
 _single_threaded_blas = _OneBlasThread()
