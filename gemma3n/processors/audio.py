@@ -1,7 +1,7 @@
 """Audio -> log-mel features for the Gemma 3n (USM) audio encoder, matching Gemma3nAudioFeatureExtractor.
 
-Waveforms (prepared by audio_io: decoded, mixed to mono, resampled to 16 kHz) are padded into one batch, then cut
-into runs of frames that worker threads process:
+Waveforms (prepared by audio_io: decoded, mixed to mono, resampled to 16 kHz) form one padded batch (on the CPU
+path only virtually: audio_cpu reads the clips in place, in chunks of frames on worker threads):
 
     x [B, T] --pad to longest, round up to a multiple of 128, truncate at 30 s-->  [B, T']
     frames of 513 samples every 160 (10 ms)                                        [B, F, 513]

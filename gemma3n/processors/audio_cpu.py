@@ -29,7 +29,7 @@ import torch
 if TYPE_CHECKING:
     from .audio import AudioSettings
 
-FRAMES_PER_CHUNK = 256  # frames of one clip per work item (192-1024 measured alike; 128 and less are slower)
+FRAMES_PER_CHUNK = 256  # frames of one clip per work item (fastest measured: 128 and 512 take 5-15% longer)
 
 
 class CpuLogMel:
@@ -129,8 +129,9 @@ class _WorkerPool:
                     failed.set()
                     raise
 
-        helpers = min(torch.get_num_threads(), len(items)) - 1
-        futures = [self._helpers(helpers).submit(drain) for _ in range(helpers)] if helpers > 0 else []
+        budget = torch.get_num_threads()
+        helpers = min(budget, len(items)) - 1
+        futures = [self._helpers(budget - 1).submit(drain) for _ in range(helpers)] if helpers > 0 else []
         try:
             drain()
         finally:
