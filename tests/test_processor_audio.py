@@ -20,9 +20,9 @@ import torchaudio.functional as AF
 from gemma3n.processors import AudioFeatureExtractor, AudioSettings, ConfigError, Processor
 
 try:
-    from test_processor_utils import our_processor, tiny_dir
+    from test_processor_utils import our_processor, tiny_dir_with_changed_json
 except ImportError:  # tests/ used as a package
-    from .test_processor_utils import our_processor, tiny_dir
+    from .test_processor_utils import our_processor, tiny_dir_with_changed_json
 
 ATOL = 1e-4
 AUDIO = "<audio_soft_token>"
@@ -384,15 +384,9 @@ def test_torch_backend_matches_reference_on_pure_tones(reference_extractor):
     ],
 )
 def test_bad_feature_extractor_settings_name_key_and_file(tmp_path, change, message):
-    import json
-    import shutil
-
-    directory = tmp_path / "proc"
-    shutil.copytree(tiny_dir(), directory)
-    config = json.loads((directory / "preprocessor_config.json").read_text())
-    config.update(change)
-    config["some_unknown_key"] = {"ignored": True}  # unknown keys never cause errors
-    (directory / "preprocessor_config.json").write_text(json.dumps(config))
+    # unknown keys never cause errors
+    change = {**change, "some_unknown_key": {"ignored": True}}
+    directory = tiny_dir_with_changed_json(tmp_path, "preprocessor_config.json", change)
     with pytest.raises(ConfigError, match="preprocessor_config.json") as info:
         Processor.from_pretrained(directory)
     assert info.match(message)

@@ -20,9 +20,9 @@ import torch
 from gemma3n.processors import ConfigError, ImageProcessor, ImageSettings, Processor
 
 try:
-    from test_processor_utils import our_processor, reference_processor, tiny_dir
+    from test_processor_utils import our_processor, reference_processor, tiny_dir, tiny_dir_with_changed_json
 except ImportError:  # tests/ used as a package
-    from .test_processor_utils import our_processor, reference_processor, tiny_dir
+    from .test_processor_utils import our_processor, reference_processor, tiny_dir, tiny_dir_with_changed_json
 
 ATOL = 1e-5
 IMAGE = "<image_soft_token>"
@@ -202,11 +202,7 @@ def test_image_errors_name_the_input(tmp_path):
     ],
 )
 def test_bad_image_settings_name_key_and_file(tmp_path, change, message):
-    directory = tmp_path / "proc"
-    shutil.copytree(tiny_dir(), directory)
-    config = json.loads((directory / "preprocessor_config.json").read_text())
-    config.update(change)
-    (directory / "preprocessor_config.json").write_text(json.dumps(config))
+    directory = tiny_dir_with_changed_json(tmp_path, "preprocessor_config.json", change)
     with pytest.raises(ConfigError, match="preprocessor_config.json") as info:
         Processor.from_pretrained(directory)
     assert info.match(message)

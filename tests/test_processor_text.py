@@ -13,9 +13,21 @@ from gemma3n.processors import ChatTemplate, ChatTemplateError, ConfigError, Pro
 from gemma3n.processors.chat import default_template_text
 
 try:
-    from test_processor_utils import PUBLISHED_TEMPLATE, our_processor, reference_processor, tiny_dir
+    from test_processor_utils import (
+        PUBLISHED_TEMPLATE,
+        our_processor,
+        reference_processor,
+        tiny_dir,
+        tiny_dir_with_changed_json,
+    )
 except ImportError:  # tests/ used as a package
-    from .test_processor_utils import PUBLISHED_TEMPLATE, our_processor, reference_processor, tiny_dir
+    from .test_processor_utils import (
+        PUBLISHED_TEMPLATE,
+        our_processor,
+        reference_processor,
+        tiny_dir,
+        tiny_dir_with_changed_json,
+    )
 
 CONVERSATIONS = {
     "plain strings": [
@@ -208,13 +220,8 @@ def test_decode_matches_reference():
     ],
 )
 def test_bad_tokenizer_config_names_key_and_file(tmp_path, change, message):
-    directory = tmp_path / "proc"
-    shutil.copytree(tiny_dir(), directory)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    config.update(change)
-    config.pop("extra_special_tokens")
-    config["an_unknown_key"] = [1, 2, 3]
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    change = {**change, "an_unknown_key": [1, 2, 3]}
+    directory = tiny_dir_with_changed_json(tmp_path, "tokenizer_config.json", change, drop=("extra_special_tokens",))
     with pytest.raises(ConfigError) as info:
         Tokenizer.from_pretrained(directory)
     assert info.match(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,6 +71,18 @@ def tiny_dir(image_size: tuple[int, int] = TEST_IMAGE_SIZE, published_template: 
     write_tiny_processor_files(directory, image_size=image_size)
     if published_template:
         (directory / "chat_template.jinja").write_text(PUBLISHED_TEMPLATE, encoding="utf-8")
+    return directory
+
+
+def tiny_dir_with_changed_json(tmp_path: Path, filename: str, change: dict, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of tiny_dir() in tmp_path whose JSON file `filename` gets `change` merged in and `drop` keys removed."""
+    directory = tmp_path / "proc"
+    shutil.copytree(tiny_dir(), directory)
+    config = json.loads((directory / filename).read_text())
+    config.update(change)
+    for key in drop:
+        config.pop(key)
+    (directory / filename).write_text(json.dumps(config))
     return directory
 
 

@@ -21,6 +21,7 @@ well.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,7 +213,7 @@ class AudioFeatureExtractor:
         # CPU path without a padded copy of the batch: the workers read each clip in place and pad only the
         # chunks that reach past its ends.
         layout = _BatchLayout.of(waveforms, max_length, truncation, pad_to_multiple_of, padding, s)
-        n_frames = self._frame_count(layout.length, max(layout.lengths))
+        n_frames = self._frame_count(layout.length, lambda: max(layout.lengths))
         clips = [_clip_samples(wave, n) for wave, n in zip(waveforms, layout.lengths, strict=True)]
         features = torch.from_numpy(self._cpu_log_mel(clips, layout.starts, n_frames))
         frame_starts = np.arange(n_frames)[None, :] * s.hop_length  # frame f is valid iff its 1st sample is real
@@ -223,7 +224,7 @@ class AudioFeatureExtractor:
     def features(self, batch: torch.Tensor, sample_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel features of a padded batch [B, T] (see the module docstring for the steps)."""
         s = self.settings
-        n_frames = self._frame_count(batch.shape[-1], int(sample_mask.sum(-1).max()))
+        n_frames = self._frame_count(batch.shape[-1], lambda: int(sample_mask.sum(-1).max()))
         if s.dither > 0:
             batch = batch + s.dither * torch.randn_like(batch)
         if s.input_scale_factor != 1.0:
@@ -236,12 +237,14 @@ class AudioFeatureExtractor:
         mask = sample_mask[:, :: s.hop_length][:, :n_frames].to(features.device)  # frame valid iff 1st sample real
         return self._normalize(features), mask
 
-    def _frame_count(self, padded_length: int, longest_clip: int) -> int:
+    def _frame_count(self, padded_length: int, longest_clip: Callable[[], int]) -> int:
+        """Frames in a padded batch; too few samples for one frame is an error naming the longest clip's length
+        (counted only then)."""
         s = self.settings
         n_frames = (padded_length - (s.frame_length + 1)) // s.hop_length + 1
         if n_frames <= 0:
             raise ValueError(
-                f"audio too short: {longest_clip} samples, but one frame needs {s.frame_length + 1} samples "
+                f"audio too short: {longest_clip()} samples, but one frame needs {s.frame_length + 1} samples "
                 f"({1000 * (s.frame_length + 1) / s.sampling_rate:.1f} ms at {s.sampling_rate} Hz)"
             )
         return n_frames
