@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 SHARD_BYTES = 2 << 30
+CHUNK_ELEMENTS = 1 << 26  # values drawn at once for big tables
 
 
 def reference_state_shapes(config_dict: dict) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -69,7 +70,15 @@ def build(preset: str, out: Path, *, seed: int = 0, dtype: torch.dtype = torch.b
         start = time.perf_counter()
         for name in names:
             shape, src_dtype = shapes[name]
-            if src_dtype.is_floating_point:
+            if src_dtype.is_floating_point and len(shape) == 2 and shape.numel() > CHUNK_ELEMENTS:
+                # big tables (per-layer embeddings: 2B values) drawn a block of rows at a time, so float32 noise for
+                # the whole table is never held; the fan-in scaling depends only on the row width
+                value = torch.empty(shape, dtype=dtype)
+                rows = max(1, CHUNK_ELEMENTS // shape[1])
+                for r in range(0, shape[0], rows):
+                    block = torch.empty((min(rows, shape[0] - r), shape[1]), device="meta")
+                    value[r : r + rows] = _random_like(name, block, generator).to(dtype)
+            elif src_dtype.is_floating_point:
                 value = _random_like(name, torch.empty(shape, device="meta"), generator).to(dtype)
             else:
                 value = torch.zeros(shape, dtype=src_dtype)
