@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from pipeline_helpers import SAMPLING_RATE, make_audio
+from pipeline_helpers import SAMPLING_RATE, fewer_audio_tokens, make_audio
 
 import gemma3n
 from gemma3n import cli
@@ -343,21 +343,11 @@ class _Terminal(io.StringIO):
         return True
 
 
-def _fewer_audio_tokens(source: Path, target: Path, tokens: int) -> Path:
-    """A copy of a checkpoint whose config and processor hold ``tokens`` audio soft tokens per clip (not 188)."""
-    shutil.copytree(source, target)
-    for name, key in (("config.json", "audio_soft_tokens_per_image"), ("processor_config.json", "audio_seq_length")):
-        data = json.loads((target / name).read_text())
-        data[key] = tokens
-        (target / name).write_text(json.dumps(data))
-    return target
-
-
 def test_transcribe_progress_advances_with_audio_and_warnings_do_not_break_it(tmp_path, cache, monkeypatch):
     from gemma3n.tiny_random import ensure_tiny_random
 
     # 12 soft tokens per clip hold 1.952 s of audio: a 5 s file is transcribed in three windows.
-    model = _fewer_audio_tokens(ensure_tiny_random(), tmp_path / "short-audio", 12)
+    model = fewer_audio_tokens(ensure_tiny_random(), tmp_path / "short-audio", 12)
     clip = tmp_path / "talk.wav"
     soundfile.write(clip, make_audio(5.0), SAMPLING_RATE)
     terminal = _Terminal()
