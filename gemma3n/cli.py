@@ -80,6 +80,9 @@ TRANSCRIBE = FileJob(
 )
 
 
+ROW_START = '{"path": '  # how every row written here begins (json.dumps of a dict whose first key is "path")
+
+
 class ResultLog:
     """JSON-lines results: stdout, or an ``--output`` file that a re-run resumes.
 
@@ -144,7 +147,10 @@ class ResultLog:
                 json.loads(last)
                 lines.append(last)  # a complete row without its newline: kept, the newline is added on open()
             except json.JSONDecodeError:
-                self._cut_line = True  # the row a killed run was writing: its file is simply redone
+                if not last.startswith(ROW_START):  # not the start of a row we write: someone else's text
+                    lines.append(last)  # refused below
+                else:
+                    self._cut_line = True  # the row a killed run was writing: its file is simply redone
         for number, line in enumerate(lines, 1):
             if line.strip():
                 self._take(number, line)
@@ -373,7 +379,7 @@ class FileRunner:
                         continue
                     if sizes[path] is None:
                         progress.grow(size)
-                    decoded.append((path, item, size))
+                    decoded.append((path, item, size if sizes[path] is None else sizes[path]))  # its bar share
                 if decoded:
                     self._run_group(decoded, progress, tally)
 

@@ -118,22 +118,6 @@ def test_caption_resumes_an_interrupted_run(tmp_path, captioner, monkeypatch):
     assert opened == [] and out.read_bytes() == before
 
 
-def test_caption_writes_absolute_paths_and_resumes_from_anywhere(tmp_path, cache, monkeypatch, capsys):
-    """Relative paths are written as absolute ones, so a re-run from another directory finds them done."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    shutil.copy(EXAMPLES / "shapes.png", folder / "shapes.png")
-    monkeypatch.chdir(tmp_path)
-    args = ["caption", "photos", "--model", "tiny-random", "--max-new-tokens", "2", "--output", "out/captions.jsonl"]
-    assert cli.main(args) == 0  # the output folder is created
-    (record,) = _lines(tmp_path / "out" / "captions.jsonl")
-    assert record["path"] == str(folder / "shapes.png")
-    monkeypatch.chdir(folder)
-    assert cli.main(["caption", ".", "--model", "tiny-random", "--output", "../out/captions.jsonl"]) == 0
-    assert _lines(tmp_path / "out" / "captions.jsonl") == [record]
-    assert "every file already has a caption" in capsys.readouterr().err
-
-
 def test_caption_to_stdout_and_prompt(tmp_path, cache, capsys, captioner):
     image = EXAMPLES / "shapes.png"
     args = ["caption", str(image), "--model", "tiny-random", "--prompt", "Count the shapes.", "--max-new-tokens", "5"]
@@ -239,6 +223,7 @@ def _caption_rows(folder: Path, n: int = 3) -> str:
         ("caption", '{"path": "a.png", "caption": "x"}\n[1, 2]\n', 'line 2 is not a JSON object with a "path"'),
         ("caption", '{"path": "a.png", "caption": "x"}\nnot json\n{"path": "b.png", "caption": "y"}\n', "line 2"),
         ("caption", b"\xff\xfe binary", "not UTF-8"),
+        ("caption", "one line of text without a newline", "line 1 is not JSON"),  # not a row cut short
     ],
 )
 def test_output_that_is_not_this_jobs_results_is_refused_and_unchanged(tmp_path, command, content, reason):
@@ -278,20 +263,38 @@ def test_overwrite_starts_over(tmp_path, cache):
     assert record["path"] == str(image) and "caption" in record
 
 
-def test_a_resumed_file_keeps_every_row_it_does_not_redo(tmp_path, cache):
+def test_a_resumed_file_keeps_every_row_it_does_not_redo(tmp_path, cache, monkeypatch, capsys):
     """Rows of files not in this run (results and errors) stay byte for byte; only the error row of a file this run
-    retries and a half-written last line give way."""
+    retries and a half-written last line give way. Paths typed relative are written absolute, so a re-run from
+    another directory (into a new output folder the first time) finds them done."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image = folder / "cat.png"
+    shutil.copy(EXAMPLES / "cat.png", image)
     other = '{"path": "/elsewhere/a.png", "caption": "kept",  "extra": 1}\n{"path": "/elsewhere/b.png", "error": "e"}\n'
-    image = EXAMPLES / "cat.png"
     retried = json.dumps({"path": str(image), "error": "out of memory"}) + "\n"
-    out = tmp_path / "captions.jsonl"
+    out = tmp_path / "out" / "captions.jsonl"
+    out.parent.mkdir()
     out.write_text(other + retried + '{"path": "/elsewhere/c.png", "capt')
-    assert (
-        cli.main(["caption", str(image), "--model", "tiny-random", "--max-new-tokens", "2", "--output", str(out)]) == 0
-    )
+    monkeypatch.chdir(folder)
+    args = [
+        "caption",
+        "cat.png",
+        "--model",
+        "tiny-random",
+        "--max-new-tokens",
+        "2",
+        "--output",
+        "../out/captions.jsonl",
+    ]
+    assert cli.main(args) == 0
     text = out.read_text()
     assert text.startswith(other) and retried not in text and "c.png" not in text
     assert [r["path"] for r in _lines(out)] == ["/elsewhere/a.png", "/elsewhere/b.png", str(image)]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["caption", "photos", "--model", "tiny-random", "--output", "out/captions.jsonl"]) == 0
+    assert out.read_text() == text
+    assert "every file already has a caption in out/captions.jsonl" in capsys.readouterr().err
 
 
 def test_output_folder_that_cannot_be_created(tmp_path, cache):
