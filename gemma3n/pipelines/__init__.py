@@ -55,6 +55,9 @@ def pipeline(
     defaults: generation settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``stop_strings``, ``seed``, ``generate_kwargs={...}``) and task settings (``return_full_text``, ``prompt``,
         ``instruction``, ...) used by every call unless the call overrides them.
+
+    Every call also takes ``batch_size``, ``progress`` and ``on_batch``: a callable given the :class:`Prompt` s of
+    each generated batch (their ``meta`` says which part of the input they cover, e.g. an audio window's span).
     """
     name = ALIASES.get(task, task)
     if name not in TASKS:
