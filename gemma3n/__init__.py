@@ -3,27 +3,57 @@
 import gemma3n
 model = gemma3n.load("path/to/gemma-3n-E2B-it", device="cuda", dtype="bfloat16")
 pipe = gemma3n.pipeline("image-text-to-text", model=model)
+
+The public names are imported on first use, so ``import gemma3n`` (and the ``gemma3n`` command's ``--help``) does
+not pay for importing torch.
 """
 
-from typing import Any
+from __future__ import annotations
 
-from .config import Gemma3nConfig
-from .generation import GenerationConfig
-from .model import Gemma3n, load
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Gemma3n", "Gemma3nConfig", "GenerationConfig", "Processor", "load", "pipeline", "__version__"]
+# public name -> the module that defines it
+_LAZY = {
+    "Gemma3n": ".model",
+    "load": ".model",
+    "Gemma3nConfig": ".config",
+    "GenerationConfig": ".generation",
+    "Processor": ".processors",
+    "pipeline": ".pipelines",
+    "resolve_model_name": ".model_names",
+}
+
+__all__ = [
+    "Gemma3n",
+    "Gemma3nConfig",
+    "GenerationConfig",
+    "Processor",
+    "load",
+    "pipeline",
+    "resolve_model_name",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .config import Gemma3nConfig
+    from .generation import GenerationConfig
+    from .model import Gemma3n, load
+    from .model_names import resolve_model_name
+    from .pipelines import pipeline
+    from .processors import Processor
 
 
 def __getattr__(name: str) -> Any:
-    # Processor and pipeline pull in image/audio/tokenizer dependencies: import them on first use.
-    if name == "Processor":
-        from .processors import Processor
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gemma3n' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return Processor
-    if name == "pipeline":
-        from .pipelines import pipeline
 
-        return pipeline
-    raise AttributeError(f"module 'gemma3n' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

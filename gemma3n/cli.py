@@ -2,12 +2,18 @@
 
     gemma3n caption photos/ --model tiny-random --output captions.jsonl
     gemma3n transcribe talk.wav --model path/to/gemma-3n-E2B-it
-    gemma3n generate --model google/gemma-3n-E2B-it --image cat.jpg "What is in this picture?"
+    gemma3n generate --model google/gemma-3n-E2B-it --image cat.png "What is in this picture?"
 
 caption / transcribe write one JSON line per file (``{"path", "caption"}`` / ``{"path", "text"}``, or ``{"path",
-"error"}`` for a file that cannot be read or processed), flushed as soon as it is done. With ``--output``, a re-run
-skips files that already have a result and retries the ones that failed. Exit status: 0 when every file succeeded,
-1 when some failed, 2 for a usage error (bad arguments, a model that cannot be loaded).
+"error"}`` for a file that cannot be read or processed; "path" is the file's absolute path), flushed as soon as it is
+done; each failure is also named on stderr, and a summary (done / skipped / failed, the first failures, where the
+output is) ends the run. With ``--output``, a re-run from any directory skips files that already have a result and
+retries the ones that failed; no row is ever dropped, and a file that holds anything but this command's rows is
+refused unless ``--overwrite`` says to start over. The output is opened only once the model is loaded. Exit status:
+0 when every file succeeded, 1 when some failed, 2 for a usage error (bad arguments, an output that cannot be
+written, a model that cannot be loaded).
+
+Only the standard library is imported until a command runs, so ``gemma3n --help`` is quick.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,71 +41,168 @@ class CliError(Exception):
 # ---- files ------------------------------------------------------------------------------------------------------
 
 
+def resolved(path: str | Path) -> str:
+    """The key of a file in a results file: its absolute path with symlinks resolved (the same from any cwd)."""
+    return os.path.realpath(path)
+
+
 def find_files(paths: Iterable[str], extensions: frozenset[str]) -> list[Path]:
     """Files named directly (any extension) plus those under named folders (recursively, by extension), sorted per
-    folder and without duplicates. A path that does not exist is kept: it becomes an error line."""
+    folder and without duplicates (by resolved path). A path that does not exist is kept: it becomes an error line."""
     found: dict[str, Path] = {}
     for name in paths:
         path = Path(name)
         if path.is_dir():
             for child in sorted(path.rglob("*")):
                 if child.is_file() and child.suffix.lower() in extensions:
-                    found.setdefault(os.path.abspath(child), child)
+                    found.setdefault(resolved(child), child)
         else:
-            found.setdefault(os.path.abspath(path), path)
+            found.setdefault(resolved(path), path)
     return list(found.values())
 
 
-class ResultLog:
-    """JSON-lines results: stdout, or a file that a re-run resumes.
+@dataclass(frozen=True)
+class FileJob:
+    """What sets a file command (caption, transcribe) apart, besides how it decodes a file and runs a batch."""
 
-    On opening an existing file, the lines that hold a result are kept and the rest (errors, a line cut short by a
-    killed run) are dropped, so those files are retried. Every record is flushed as soon as it is written.
+    command: str  # CLI command name
+    task: str  # pipeline task
+    extensions: frozenset[str]  # files picked up in folders
+    result_key: str  # the record key of a success (what a resumed run keeps)
+    media: str  # "no {media} files found"
+    result_name: str  # "every file already has a {result_name} in the output"
+    unit: str  # progress bar unit
+
+
+CAPTION = FileJob("caption", "image-to-text", IMAGE_EXTENSIONS, "caption", "image", "caption", unit="image")
+TRANSCRIBE = FileJob(
+    "transcribe", "automatic-speech-recognition", AUDIO_EXTENSIONS, "text", "audio", "transcript", unit="s of audio"
+)
+
+
+ROW_START = '{"path": '  # how every row written here begins (json.dumps of a dict whose first key is "path")
+
+
+class ResultLog:
+    """JSON-lines results: stdout, or an ``--output`` file that a re-run resumes.
+
+    Nothing in an existing file is lost. A file is resumed only when every row is one of this job's (a JSON object
+    with "path" and the job's result key or "error"); anything else is refused with a one-line error and left as it
+    is, unless ``overwrite`` says to start over. Finished work is keyed on the resolved path, so a re-run from
+    another directory skips it too. Nothing is written before :meth:`open` (called once the model is loaded); it
+    drops only a line cut short by a killed run and the error rows of the files this run retries.
     """
 
-    def __init__(self, output: str | None, result_key: str):
-        self.result_key = result_key
-        self.done: set[str] = set()
-        self._file: TextIO | None = None
-        self._stream: TextIO = sys.stdout
-        if output is not None:
-            path = Path(output)
-            kept = self._read_results(path) if path.exists() else []
-            if path.exists():
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-                os.replace(tmp, path)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            self.done = {os.path.abspath(r["path"]) for r in kept}
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-            self._stream = self._file
+    def __init__(self, output: str | None, job: FileJob, *, overwrite: bool = False):
+        self.job = job
+        self.path = None if output is None else Path(output)
+        self.overwrite = overwrite
+        self.done: set[str] = set()  # resolved paths that already have a result
+        self._lines: list[str] = []  # the existing file's complete lines, as they are
+        self._errors: dict[str, list[int]] = {}  # resolved path -> indexes of its error rows in _lines
+        self._cut_line = False  # the file ends in a half-written line
+        self._stream: TextIO | None = None
+        if self.path is not None:
+            self._check_writable(self.path)
+            if self.path.exists() and not overwrite:
+                self._read(self.path)
 
-    def _read_results(self, path: Path) -> list[dict]:
-        kept = []
+    @property
+    def where(self) -> str:
+        return "stdout" if self.path is None else str(self.path)
+
+    def _check_writable(self, path: Path) -> None:
+        """Refuse (before anything is loaded) an output that cannot be a file we write."""
+        if path.is_dir():
+            raise CliError(f"--output {str(path)!r} is a directory; name a file")
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                raise CliError(f"--output {str(path)!r} is not writable")
+            return
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise CliError(f"cannot create --output {str(path)!r}: {str(parent)!r} is not a writable directory")
+
+    def _refuse(self, reason: str) -> CliError:
+        return CliError(
+            f"--output {str(self.path)!r} is not a {self.job.command} results file ({reason}); it was left unchanged: "
+            "name another file, or pass --overwrite to replace it"
+        )
+
+    def _read(self, path: Path) -> None:
         try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            data = path.read_bytes()
         except OSError as err:
             raise CliError(f"cannot read --output file {str(path)!r}: {err.strerror or err}") from None
-        for line in lines:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._refuse("it is not UTF-8 text") from None
+        lines = text.split("\n")
+        last = lines.pop()  # "" when the file ends with a newline
+        if last.strip():
             try:
-                record = json.loads(line)
+                json.loads(last)
+                lines.append(last)  # a complete row without its newline: kept, the newline is added on open()
             except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("path"), str) and self.result_key in record:
-                kept.append(record)
-        return kept
+                if not last.startswith(ROW_START):  # not the start of a row we write: someone else's text
+                    lines.append(last)  # refused below
+                else:
+                    self._cut_line = True  # the row a killed run was writing: its file is simply redone
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                self._take(number, line)
+        self._lines = lines
+
+    def _take(self, number: int, line: str) -> None:
+        key, kinds = self.job.result_key, f'"{self.job.result_key}" or "error"'
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise self._refuse(f"line {number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            raise self._refuse(f'line {number} is not a JSON object with a "path"')
+        if key in record:
+            self.done.add(resolved(record["path"]))
+        elif "error" in record:
+            self._errors.setdefault(resolved(record["path"]), []).append(number - 1)
+        else:
+            raise self._refuse(f"line {number} has no {kinds}")
 
     def is_done(self, path: Path) -> bool:
-        return os.path.abspath(path) in self.done
+        return resolved(path) in self.done
+
+    def open(self, retried: Iterable[Path]) -> None:
+        """Start writing: keep every existing row except the error rows of ``retried`` files (their new rows
+        follow) and a half-written last line; create the folder if needed."""
+        if self.path is None:
+            self._stream = sys.stdout
+            return
+        drop = {i for f in retried for i in self._errors.get(resolved(f), [])}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.overwrite or not self.path.exists():
+                self._stream = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                return
+            if drop or self._cut_line or (self._lines and not self.path.read_bytes().endswith(b"\n")):
+                kept = [line for i, line in enumerate(self._lines) if i not in drop]
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                os.replace(tmp, self.path)
+            self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as err:
+            raise CliError(f"cannot write --output {str(self.path)!r}: {err.strerror or err}") from None
 
     def write(self, record: dict) -> None:
+        assert self._stream is not None, "open() first"
         self._stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._stream.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self._stream is not None and self._stream is not sys.stdout:
+            self._stream.close()
 
 
 def _one_line(err: BaseException) -> str:
@@ -113,10 +216,11 @@ def _one_line(err: BaseException) -> str:
 def load_pipeline(task: str, args: argparse.Namespace, *, text_only: bool = False) -> Any:
     """Resolve ``--model`` and build the pipeline; every failure becomes a one-line CliError."""
     from .model import load
-    from .pipelines import TASKS, ModelNotFoundError, default_device, resolve_checkpoint
+    from .model_names import ModelNotFoundError, resolve_model_name
+    from .pipelines import TASKS, default_device
 
     try:
-        path = resolve_checkpoint(args.model)
+        path = resolve_model_name(args.model)
     except ModelNotFoundError as err:
         raise CliError(str(err)) from None
     try:
@@ -138,10 +242,97 @@ def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def _progress(total: int, unit: str) -> Any:
-    from tqdm.auto import tqdm
+# ---- progress and the run summary ----------------------------------------------------------------------------------
 
-    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+class Progress:
+    """A progress bar on stderr (when it is a terminal) that messages and warnings are written around, not into."""
+
+    def __init__(self, total: float, unit: str):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.bar = tqdm(
+            total=total,
+            unit=unit,
+            file=sys.stderr,
+            disable=not _isatty(sys.stderr),
+            dynamic_ncols=True,
+            mininterval=0.0,  # updates come per batch, a few per second at most: show each
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}<{remaining}]",
+        )
+
+    def advance(self, amount: float) -> None:
+        if amount:
+            self.bar.update(amount)
+
+    def grow(self, amount: float) -> None:
+        """Add work found on the way (e.g. audio whose length was unknown until it was decoded)."""
+        self.bar.total += amount
+        self.bar.refresh()
+
+    def rewind(self, to: float) -> None:
+        self.bar.n = to
+        self.bar.refresh()
+
+    @property
+    def count(self) -> float:
+        return self.bar.n
+
+    def write(self, line: str) -> None:
+        self._tqdm.write(line, file=sys.stderr)
+
+    def __enter__(self) -> Progress:
+        import logging
+
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._show_warning = warnings.showwarning
+        show = self._show_warning
+        external_write_mode = self._tqdm.external_write_mode
+
+        def show_warning(*args: Any, **kwargs: Any) -> None:
+            with external_write_mode(file=sys.stderr):  # clear the bar, write, redraw it below
+                show(*args, **kwargs)
+
+        warnings.showwarning = show_warning
+        self._logging = logging_redirect_tqdm([logging.getLogger()])
+        self._logging.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logging.__exit__(*exc)
+        warnings.showwarning = self._show_warning
+        self.bar.close()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+@dataclass
+class Tally:
+    """What a file job did, for the summary."""
+
+    done: int = 0
+    skipped: int = 0
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+    SHOWN = 5  # failures listed in the summary
+
+    def summary(self, command: str, where: str) -> list[str]:
+        lines = [
+            f"gemma3n {command}: {self.done} done, {self.skipped} skipped (already in the output), "
+            f"{len(self.failures)} failed; output: {where}"
+        ]
+        for path, reason in self.failures[: self.SHOWN]:
+            lines.append(f"  failed: {path}: {reason}")
+        if len(self.failures) > self.SHOWN:
+            lines.append(f'  ... and {len(self.failures) - self.SHOWN} more (rows with "error" in the output)')
+        return lines
 
 
 # ---- caption / transcribe ------------------------------------------------------------------------------------------
@@ -158,48 +349,65 @@ def _open_image(path: Path) -> Any:
         return image.convert("RGB")
 
 
-def _run_files(
-    files: list[Path],
-    log: ResultLog,
-    batch_size: int,
-    decode: Callable[[Path], Any],
-    run_batch: Callable[[list[Any]], list[dict]],
-    unit: str,
-) -> int:
-    """Decode each file, run full batches of the decoded ones, write one line per file; return the failure count.
+@dataclass
+class FileRunner:
+    """Runs a file job's pending files through the pipeline in batches, one result row per file.
 
-    A batch that fails as a whole is retried file by file, so one bad input cannot sink the others.
+    decode(path) -> (input, size): the decoded file and its share of the progress bar (1 per image, seconds of
+    audio); run_batch(inputs, on_progress) -> one result record per input, calling ``on_progress(amount)`` as parts of
+    the work finish. A batch that fails as a whole is retried file by file, so one bad input cannot sink the others.
     """
-    todo = [f for f in files if not log.is_done(f)]
-    skipped = len(files) - len(todo)
-    if skipped:
-        print(f"skipping {skipped} file(s) already done in the output", file=sys.stderr)
-    failures = 0
-    with _progress(len(todo), unit) as bar:
-        for group in _chunks(todo, batch_size):
-            decoded: list[tuple[Path, Any]] = []
-            for path in group:
+
+    job: FileJob
+    log: ResultLog
+    batch_size: int
+    decode: Callable[[Path], tuple[Any, float]]
+    run_batch: Callable[[list[Any], Callable[[float], None]], list[dict]]
+    measure: Callable[[Path], float | None]  # the size before decoding, when cheap to know (else None)
+
+    def run(self, todo: list[Path], tally: Tally) -> None:
+        sizes = {path: self.measure(path) for path in todo}
+        with Progress(sum(s for s in sizes.values() if s is not None), self.job.unit) as progress:
+            for group in _chunks(todo, self.batch_size):
+                decoded: list[tuple[Path, Any, float]] = []
+                for path in group:
+                    try:
+                        item, size = self.decode(path)
+                    except Exception as err:
+                        self._failed(progress, tally, path, {"error": _one_line(err)})
+                        progress.advance(sizes[path] or 0)
+                        continue
+                    if sizes[path] is None:
+                        progress.grow(size)
+                    decoded.append((path, item, size if sizes[path] is None else sizes[path]))  # its bar share
+                if decoded:
+                    self._run_group(decoded, progress, tally)
+
+    def _run_group(self, decoded: list[tuple[Path, Any, float]], progress: Progress, tally: Tally) -> None:
+        start = progress.count
+        try:
+            results = self.run_batch([item for _, item, _ in decoded], progress.advance)
+            pairs = list(zip(decoded, results, strict=True))
+        except Exception:
+            progress.rewind(start)
+            pairs = []
+            for entry in decoded:
                 try:
-                    decoded.append((path, decode(path)))
+                    pairs.append((entry, self.run_batch([entry[1]], progress.advance)[0]))
                 except Exception as err:
-                    log.write({"path": str(path), "error": _one_line(err)})
-                    failures += 1
-            if decoded:
-                try:
-                    results = run_batch([item for _, item in decoded])
-                    pairs = list(zip(decoded, results, strict=True))
-                except Exception:
-                    pairs = []
-                    for path, item in decoded:
-                        try:
-                            pairs.append(((path, item), run_batch([item])[0]))
-                        except Exception as err:
-                            pairs.append(((path, item), {"error": _one_line(err)}))
-                for (path, _), result in pairs:
-                    failures += "error" in result
-                    log.write({"path": str(path), **result})
-            bar.update(len(group))
-    return failures
+                    pairs.append((entry, {"error": _one_line(err)}))
+        for (path, _, _), result in pairs:
+            if "error" in result:
+                self._failed(progress, tally, path, result)
+            else:
+                self.log.write({"path": os.path.abspath(path), **result})
+                tally.done += 1
+        progress.rewind(start + sum(size for _, _, size in decoded))  # whatever the batch did not report
+
+    def _failed(self, progress: Progress, tally: Tally, path: Path, result: dict) -> None:
+        self.log.write({"path": os.path.abspath(path), **result})
+        tally.failures.append((path, result["error"]))
+        progress.write(f"gemma3n {self.job.command}: failed: {path}: {result['error']}")
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -207,49 +415,44 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-@dataclass(frozen=True)
-class FileJob:
-    """What sets a file command (caption, transcribe) apart, besides how it decodes a file and runs a batch."""
-
-    task: str  # pipeline task
-    extensions: frozenset[str]  # files picked up in folders
-    result_key: str  # the record key of a success (what a resumed run keeps)
-    media: str  # "no {media} files found"
-    unit: str  # progress bar unit; "every {unit} already has a {result_name} in the output"
-    result_name: str
-
-
-CAPTION = FileJob("image-to-text", IMAGE_EXTENSIONS, "caption", media="image", unit="image", result_name="caption")
-TRANSCRIBE = FileJob(
-    "automatic-speech-recognition", AUDIO_EXTENSIONS, "text", media="audio", unit="file", result_name="transcript"
-)
-
-
 def run_file_job(
     args: argparse.Namespace,
     job: FileJob,
-    decode: Callable[[Any, Path], Any],
-    run_batch: Callable[[Any, list[Any]], list[dict]],
+    decode: Callable[[Any, Path], tuple[Any, float]],
+    run_batch: Callable[[Any, list[Any], Callable[[float], None]], list[dict]],
+    measure: Callable[[Path], float | None],
 ) -> int:
-    """Find the files, skip those done in ``--output``, load the model only if work is left, and run the rest.
+    """Find the files, check ``--output``, skip the files done there, load the model only if work is left, then
+    open the output and run the rest; a summary goes to stderr.
 
-    ``decode(pipeline, path)`` reads one file fully (so a bad file fails alone); ``run_batch(pipeline, inputs)``
-    gives one result record per input. Returns the exit status: 1 when any file failed, else 0.
+    Returns the exit status: 1 when any file failed, else 0.
     """
     files = find_files(args.paths, job.extensions)
     if not files:
         raise CliError(f"no {job.media} files found in {', '.join(args.paths)}")
-    log = ResultLog(args.output, job.result_key)
+    log = ResultLog(args.output, job, overwrite=args.overwrite)
+    todo = [f for f in files if not log.is_done(f)]
+    tally = Tally(skipped=len(files) - len(todo))
+    if not todo:
+        print(f"gemma3n {job.command}: every file already has a {job.result_name} in {log.where}", file=sys.stderr)
+        return 0
+    pipe = load_pipeline(job.task, args)
+    log.open(todo)
     try:
-        if all(log.is_done(f) for f in files):
-            print(f"every {job.unit} already has a {job.result_name} in the output", file=sys.stderr)
-            return 0
-        pipe = load_pipeline(job.task, args)
-        decode_file, run = functools.partial(decode, pipe), functools.partial(run_batch, pipe)
-        failures = _run_files(files, log, args.batch_size, decode_file, run, job.unit)
+        runner = FileRunner(
+            job,
+            log,
+            args.batch_size,
+            functools.partial(decode, pipe),
+            functools.partial(run_batch, pipe),
+            measure,
+        )
+        runner.run(todo, tally)
     finally:
         log.close()
-    return 1 if failures else 0
+        for line in tally.summary(job.command, log.where):
+            print(line, file=sys.stderr)
+    return 1 if tally.failures else 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -257,10 +460,20 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.prompt:
         settings["prompt"] = args.prompt
 
-    def run_batch(pipe: Any, images: list[Any]) -> list[dict]:
+    def run_batch(pipe: Any, images: list[Any], _on_progress: Callable[[float], None]) -> list[dict]:
         return [{"caption": r[0]["generated_text"]} for r in pipe(images, batch_size=len(images), **settings)]
 
-    return run_file_job(args, CAPTION, lambda _pipe, path: _open_image(path), run_batch)
+    return run_file_job(args, CAPTION, lambda _pipe, path: (_open_image(path), 1.0), run_batch, lambda _path: 1.0)
+
+
+def _audio_seconds(path: Path) -> float | None:
+    """A file's duration from its header (no decoding), or None when that is not cheap to know."""
+    try:
+        import soundfile
+
+        return float(soundfile.info(str(path)).duration)
+    except Exception:
+        return None
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -270,21 +483,25 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if args.timestamps:
         settings["return_timestamps"] = "chunk"
 
-    def decode(pipe: Any, path: Path) -> dict:
+    def decode(pipe: Any, path: Path) -> tuple[dict, float]:
         if not path.exists():
             raise FileNotFoundError(f"no such file: {str(path)!r}")
         extractor = pipe.processor.feature_extractor
         wave = extractor.prepare([str(path)])[0]
         # "path" makes the pipeline name the file in its warnings (e.g. a window that reached max_new_tokens)
-        return {"array": wave, "sampling_rate": extractor.sampling_rate, "path": str(path)}
+        clip = {"array": wave, "sampling_rate": extractor.sampling_rate, "path": str(path)}
+        return clip, wave.shape[-1] / extractor.sampling_rate
 
-    def run_batch(pipe: Any, clips: list[dict]) -> list[dict]:
-        results = pipe(clips, batch_size=len(clips), **settings)
+    def run_batch(pipe: Any, clips: list[dict], on_progress: Callable[[float], None]) -> list[dict]:
+        def windows_done(prompts: list[Any]) -> None:  # each prompt's meta: (start, end, rate) of its window
+            on_progress(sum((end - start) / rate for start, end, rate in (p.meta for p in prompts)))
+
+        results = pipe(clips, batch_size=len(clips), on_batch=windows_done, **settings)
         return [
             {"text": r["text"], **({"chunks": _jsonable_chunks(r["chunks"])} if "chunks" in r else {})} for r in results
         ]
 
-    return run_file_job(args, TRANSCRIBE, decode, run_batch)
+    return run_file_job(args, TRANSCRIBE, decode, run_batch, _audio_seconds)
 
 
 def _jsonable_chunks(chunks: list[dict]) -> list[dict]:
@@ -339,12 +556,104 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="checkpoint directory, hub id (e.g. google/gemma-3n-E2B-it, needs huggingface_hub), or 'tiny-random'",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)"
+    )
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=None, help="limit on generated tokens")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=None,
+        help="limit on generated tokens (default: the checkpoint's generation_config.json, else 256)",
+    )
+
+
+def _add_output_options(parser: argparse.ArgumentParser, batch_help: str, batch_default: int) -> None:
+    parser.add_argument("--batch-size", type=_positive_int, default=batch_default, help=batch_help)
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="JSON-lines file to write; a re-run resumes it (skips files done, retries failed ones). An existing file "
+        "that is not this command's results is refused (default: stdout)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over: replace an existing --output file (default: resume it)"
+    )
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Ends every option's help with its default, unless the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.required or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0 and action.default is False:  # a switch
+            shown = "off"
+        elif action.default in (None, []):
+            shown = "none"
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def _command_parser(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help_text, description=help_text, formatter_class=_DefaultsHelpFormatter)
+
+
+def add_caption_parser(commands: Any) -> None:
+    caption = _command_parser(commands, "caption", "caption image files / folders into JSON lines")
+    caption.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    _add_model_options(caption)
+    caption.add_argument(
+        "--prompt",
+        default=None,
+        help="what to ask about each image (default: 'Write a one-sentence caption for this image.')",
+    )
+    _add_output_options(caption, "images per batch", 4)
+    caption.set_defaults(func=cmd_caption)
+
+
+def add_transcribe_parser(commands: Any) -> None:
+    transcribe = _command_parser(commands, "transcribe", "transcribe audio files / folders into JSON lines")
+    transcribe.add_argument("paths", nargs="+", metavar="AUDIO", help="audio files or folders (searched recursively)")
+    _add_model_options(transcribe)
+    transcribe.add_argument(
+        "--instruction", default=None, help="the request sent with each clip (default: 'Transcribe this audio.')"
+    )
+    transcribe.add_argument("--timestamps", action="store_true", help="add per-window chunks with (start, end) times")
+    _add_output_options(transcribe, "audio windows (up to 30 s each) per batch", 1)
+    transcribe.set_defaults(func=cmd_transcribe)
+
+
+def add_generate_parser(commands: Any) -> None:
+    generate = _command_parser(commands, "generate", "answer a prompt (with images / audio), streamed to stdout")
+    generate.add_argument("prompt", metavar="PROMPT", help="the question or instruction")
+    _add_model_options(generate)
+    generate.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    generate.add_argument("--audio", action="append", default=[], metavar="PATH", help="an audio file (repeatable)")
+    generate.add_argument("--system", default=None, help="a system instruction")
+    generate.add_argument(
+        "--do-sample",
+        action="store_true",
+        help="sample instead of greedy decoding (default: the checkpoint's generation_config.json, else greedy)",
+    )
+    checkpoint = "the checkpoint's generation_config.json"
+    generate.add_argument(
+        "--temperature", type=float, default=None, help=f"sampling temperature (default: {checkpoint}, else 1.0)"
+    )
+    generate.add_argument(
+        "--top-k", type=int, default=None, help=f"sample among the k likeliest tokens (default: {checkpoint}, else all)"
+    )
+    generate.add_argument(
+        "--top-p", type=float, default=None, help=f"nucleus sampling mass (default: {checkpoint}, else 1.0: off)"
+    )
+    generate.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    generate.set_defaults(func=cmd_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gemma3n`` parser: one function per subcommand adds its own parser."""
     parser = argparse.ArgumentParser(
         prog="gemma3n",
         description="Gemma 3n from the command line: caption images, transcribe audio, or generate text.",
@@ -353,36 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"gemma3n {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    caption = commands.add_parser("caption", help="caption image files / folders into JSON lines")
-    caption.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    _add_model_options(caption)
-    caption.add_argument("--prompt", default=None, help="what to ask about each image (default: a one-line caption)")
-    caption.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4)")
-    caption.add_argument("--output", default=None, help="JSON-lines file to write / resume (default: stdout)")
-    caption.set_defaults(func=cmd_caption)
-
-    transcribe = commands.add_parser("transcribe", help="transcribe audio files / folders into JSON lines")
-    transcribe.add_argument("paths", nargs="+", metavar="AUDIO", help="audio files or folders (searched recursively)")
-    _add_model_options(transcribe)
-    transcribe.add_argument("--instruction", default=None, help="the request sent with each clip")
-    transcribe.add_argument("--timestamps", action="store_true", help="add per-window chunks with (start, end) times")
-    transcribe.add_argument("--batch-size", type=_positive_int, default=1, help="30 s windows per batch (default: 1)")
-    transcribe.add_argument("--output", default=None, help="JSON-lines file to write / resume (default: stdout)")
-    transcribe.set_defaults(func=cmd_transcribe)
-
-    generate = commands.add_parser("generate", help="answer a prompt (with images / audio), streamed to stdout")
-    generate.add_argument("prompt", metavar="PROMPT")
-    _add_model_options(generate)
-    generate.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    generate.add_argument("--audio", action="append", default=[], metavar="PATH", help="an audio file (repeatable)")
-    generate.add_argument("--system", default=None, help="a system instruction")
-    generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    generate.add_argument("--temperature", type=float, default=None)
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=None)
-    generate.set_defaults(func=cmd_generate)
+    add_caption_parser(commands)
+    add_transcribe_parser(commands)
+    add_generate_parser(commands)
     return parser
 
 

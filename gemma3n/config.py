@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
+# config.json "model_type" values this package loads: the multimodal layout and the bare text-only one.
+SUPPORTED_MODEL_TYPES = ("gemma3n", "gemma3n_text")
 
 
 class ConfigError(ValueError):
@@ -286,14 +288,17 @@ class Gemma3nConfig:
         if not isinstance(data, dict):
             raise ConfigError("config.json must hold a JSON object")
         model_type = data.get("model_type")
+        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"config.json: model_type is {model_type!r}, which this package cannot load; "
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         architectures = data.get("architectures") or []
         text_only = "text_config" not in data and (
             model_type == "gemma3n_text" or "Gemma3nForCausalLM" in architectures or "hidden_size" in data
         )
         if text_only:
             return cls(text=_build(TextConfig, data, "text_config", TextConfig.REQUIRED), text_only_layout=True)
-        if model_type not in (None, "gemma3n"):
-            raise ConfigError(f"config.json: model_type {model_type!r} is not a Gemma 3n model")
         if "text_config" not in data:
             raise ConfigError("config.json: required key 'text_config' is missing")
         top = {k: v for k, v in data.items() if k not in ("text_config", "vision_config", "audio_config")}

@@ -11,6 +11,7 @@ from torch import nn
 
 from .checkpoint import attach_weights, checkpoint_dtype, read_checkpoint_tensors
 from .config import Gemma3nConfig
+from .model_names import resolve_model_name
 from .text_model import KVCache, TextModel
 
 _DTYPES = {
@@ -32,6 +33,20 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return _DTYPES[str(dtype).removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+
+
+def resolve_device(device: torch.device | str, argument: str = "device") -> torch.device:
+    """``device`` as a torch.device; a string torch cannot parse, or CUDA where there is none, is a ValueError
+    naming ``argument``."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{argument}={device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:1', 'mps', ..."
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{argument}={device!r}, but torch finds no CUDA device here; use 'cpu'")
+    return resolved
 
 
 @dataclass
@@ -76,14 +91,17 @@ class Gemma3n(nn.Module):
         text_only: bool = False,
         ple_device: torch.device | str | None = None,
     ) -> Gemma3n:
-        """Load a checkpoint directory in the published Hugging Face layout.
+        """Load a checkpoint in the published Hugging Face layout: a directory, "tiny-random" or a hub id.
 
         The model is built on the meta device and the memory-mapped tensors are attached directly (cast to ``dtype``,
         default: the checkpoint's own dtype), so weights are never held twice. ``text_only`` skips the towers.
         ``ple_device="cpu"`` keeps the per-layer embedding table (2B parameters for E2B) in host memory (pinned when
         the model is on CUDA); each step gathers only the rows of its tokens and copies them to the model's device.
         """
-        path = Path(path)
+        path = resolve_model_name(path)  # a directory, "tiny-random" or a hub id
+        device = resolve_device(device)
+        if ple_device is not None:
+            ple_device = resolve_device(ple_device, "ple_device")
         config = Gemma3nConfig.from_pretrained(path)
         tensors = read_checkpoint_tensors(path)
         dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors.values())
@@ -275,7 +293,8 @@ def load(
     text_only: bool = False,
     ple_device: torch.device | str | None = None,
 ) -> Gemma3n:
-    """Load a Gemma 3n checkpoint directory (published Hugging Face layout) onto ``device`` in ``dtype``.
+    """Load a Gemma 3n checkpoint (a directory in the published Hugging Face layout, "tiny-random" or a hub id)
+    onto ``device`` in ``dtype``.
 
     See :meth:`Gemma3n.from_pretrained` for ``text_only`` and ``ple_device``.
     """

@@ -106,3 +106,14 @@ def make_audio(seconds: float, seed: int = 0, quiet_at: float | None = None) -> 
 
 def image_chat(image, question: str = "Describe this image.") -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+
+def fewer_audio_tokens(source: Path, target: Path, tokens: int) -> Path:
+    """A copy of checkpoint ``source`` whose config.json and processor_config.json hold ``tokens`` audio soft tokens
+    per clip instead of 188 (the audio encoder's weights do not depend on the count)."""
+    shutil.copytree(source, target)
+    for name, key in (("config.json", "audio_soft_tokens_per_image"), ("processor_config.json", "audio_seq_length")):
+        data = json.loads((target / name).read_text(encoding="utf-8"))
+        data[key] = tokens
+        (target / name).write_text(json.dumps(data), encoding="utf-8")
+    return target

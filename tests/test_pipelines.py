@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from pipeline_helpers import SAMPLING_RATE, image_chat, make_audio, make_image, reference
+from pipeline_helpers import SAMPLING_RATE, fewer_audio_tokens, image_chat, make_audio, make_image, reference
 
 import gemma3n
-from gemma3n.pipelines.automatic_speech_recognition import split_into_windows
+from gemma3n.pipelines.automatic_speech_recognition import DEFAULT_INSTRUCTION, split_into_windows
 
 NEW = 8  # new tokens per answer in the comparisons
 
@@ -212,3 +212,61 @@ def test_asr_instruction_and_limits(model, tmp_path):
         asr(clip, chunk_length_s=45)
     with pytest.raises(ValueError, match="empty"):
         asr(np.zeros(0, dtype=np.float32))
+
+
+def test_longest_clip_is_derived_from_the_checkpoint_and_matches_transformers_encoder(tmp_path):
+    """12 soft tokens of 16 frames (two stride-2 convolutions, reduction 4) of 160 samples, plus one frame's length:
+    12 x 16 x 160 + 512 = 31232 samples (1.952 s). transformers' own audio encoder agrees at the boundary: that clip
+    gives 12 soft tokens, 128 samples more (the next padded length) give 13."""
+    import transformers
+
+    small = fewer_audio_tokens(reference().path, tmp_path / "small", 12)
+    processor = gemma3n.Processor.from_pretrained(small)
+    assert processor.max_audio_samples == 31232
+    published = gemma3n.Processor.from_pretrained(reference().path)
+    assert published.max_audio_samples == 188 * 16 * 160 + 512 and published.max_audio_seconds > 30.0
+    wave = make_audio(2.2, seed=4)
+    extractor = transformers.Gemma3nAudioFeatureExtractor()
+    tower = reference().model.model.audio_tower
+    with torch.no_grad():
+        for samples, tokens in ((31232, 12), (31232 + 128, 13)):
+            features = extractor([wave[:samples]], return_tensors="pt")
+            encoded = tower(features["input_features"], features["input_features_mask"], return_dict=True)
+            assert encoded.last_hidden_state.shape[1] == tokens
+    processor(text="<audio_soft_token>", audio=[wave[:31232]])  # the longest clip is accepted
+    with pytest.raises(ValueError, match=r"audio 0 is 2\.20 s long, but this checkpoint takes at most 1\.952 s"):
+        processor(text="<audio_soft_token>", audio=[wave])
+
+
+@pytest.mark.filterwarnings("ignore:the transcript of")
+def test_asr_windows_fit_a_checkpoint_that_holds_less_audio(tmp_path):
+    """A 2.2 s clip on a checkpoint with 12 audio soft tokens per clip (1.952 s) is split into two windows, each
+    transcribed as transformers transcribes it."""
+    import transformers
+
+    small = fewer_audio_tokens(reference().path, tmp_path / "small", 12)
+    asr = gemma3n.pipeline("automatic-speech-recognition", model=str(small), device="cpu", max_new_tokens=4)
+    assert asr.max_window_s == 31232 / SAMPLING_RATE
+    wave = make_audio(2.2, seed=4)
+    result = asr(wave, return_timestamps="chunk")
+    assert len(result["chunks"]) == 2 and result["chunks"][-1]["timestamp"][1] == 2.2
+    assert all(chunk["text"] for chunk in result["chunks"])  # text to compare: 4 tokens, no early end
+    hf_model = transformers.Gemma3nForConditionalGeneration.from_pretrained(small, dtype=torch.float32).eval()
+    hf_processor = transformers.AutoProcessor.from_pretrained(small)
+    for chunk in result["chunks"]:
+        start, end = (round(t * SAMPLING_RATE) for t in chunk["timestamp"])
+        assert end - start <= 31232
+        clip = wave[start:end]
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": DEFAULT_INSTRUCTION}],
+            }
+        ]
+        prompt = asr.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = hf_processor(text=prompt, audio=[clip], add_special_tokens=False, return_tensors="pt")
+        out = hf_model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected = hf_processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        assert chunk["text"] == expected
+    with pytest.raises(ValueError, match=r"chunk_length_s must lie in \(0, 1\.952\]"):
+        asr(wave, chunk_length_s=2.0)

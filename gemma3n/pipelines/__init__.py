@@ -16,7 +16,7 @@ import torch
 
 from .automatic_speech_recognition import AutomaticSpeechRecognitionPipeline
 from .base import Pipeline
-from .checkpoints import ModelNotFoundError, resolve_checkpoint
+from .checkpoints import ModelNotFoundError, resolve_checkpoint, resolve_model_name
 from .image_text_to_text import ImageTextToTextPipeline
 from .image_to_text import ImageToTextPipeline
 from .text_generation import TextGenerationPipeline
@@ -55,6 +55,9 @@ def pipeline(
     defaults: generation settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``stop_strings``, ``seed``, ``generate_kwargs={...}``) and task settings (``return_full_text``, ``prompt``,
         ``instruction``, ...) used by every call unless the call overrides them.
+
+    Every call also takes ``batch_size``, ``progress`` and ``on_batch``: a callable given the :class:`Prompt` s of
+    each generated batch (their ``meta`` says which part of the input they cover, e.g. an audio window's span).
     """
     name = ALIASES.get(task, task)
     if name not in TASKS:
@@ -62,15 +65,14 @@ def pipeline(
     if model is None:
         raise ValueError(f"pipeline({task!r}) needs model=: a checkpoint directory, a hub id or 'tiny-random'")
     if isinstance(model, (str, Path)):
-        from ..model import load
+        from ..model import load  # resolves the name (gemma3n.model_names), as every entry point does
 
-        path = resolve_checkpoint(model)
-        model = load(path, device=device or default_device(), dtype=dtype, text_only=name == "text-generation")
+        model = load(model, device=device or default_device(), dtype=dtype, text_only=name == "text-generation")
     elif isinstance(model, torch.nn.Module):
         if device is not None or dtype is not None:
-            from ..model import resolve_dtype
+            from ..model import resolve_device, resolve_dtype
 
-            model = model.to(device=device, dtype=resolve_dtype(dtype))
+            model = model.to(device=None if device is None else resolve_device(device), dtype=resolve_dtype(dtype))
     else:
         raise TypeError(f"model must be a path, a hub id or a loaded Gemma3n, got {type(model).__name__}")
     return TASKS[name](model, processor, batch_size=batch_size, progress=progress, **defaults)
@@ -86,4 +88,5 @@ __all__ = [
     "TextGenerationPipeline",
     "pipeline",
     "resolve_checkpoint",
+    "resolve_model_name",
 ]

@@ -5,9 +5,11 @@
     pipe(samples_16k, return_timestamps="chunk")       -> {"text": ..., "chunks": [{"text", "timestamp": (s, e)}]}
     pipe([a, b])                                       -> [{"text": ...}, {"text": ...}]
 
-Gemma 3n hears at most 30 s per clip (the processor would cut the rest off), so longer audio is split into windows of
-at most ``chunk_length_s`` seconds. Each cut is placed at the quietest 25 ms frame within the last ``cut_search_s``
-seconds of its window, so words are rarely split. Every window is transcribed (windows of all inputs share batches)
+Gemma 3n hears at most 30 s per clip (the processor would cut the rest off), and a checkpoint with fewer than the
+published 188 audio soft tokens per clip holds less (``processor.max_audio_seconds``, from its config), so longer audio
+is split into windows of at most ``chunk_length_s`` seconds (default and upper bound: the smaller of the two). Each
+cut is placed at the quietest 25 ms frame within the last ``cut_search_s`` seconds of its window, so words are rarely
+split. Every window is transcribed (windows of all inputs share batches)
 and the window texts are joined with spaces. Nothing is dropped: a window whose transcript hit ``max_new_tokens``
 raises a warning that names its time span and, when the input names one (a path, or a dict's "path"), the file.
 """
@@ -44,7 +46,7 @@ def split_into_windows(
     wave: torch.Tensor, rate: int, window_s: float = MAX_WINDOW_S, search_s: float = CUT_SEARCH_S
 ) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` sample spans covering ``wave`` [samples] end to end, each at most ``window_s`` long."""
-    window = int(window_s * rate)
+    window = round(window_s * rate)  # round, not int: a window of exactly n / rate seconds is n samples
     search = min(int(search_s * rate), window // 2)
     spans = []
     start, total = 0, wave.shape[-1]
@@ -77,19 +79,28 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         timestamps = settings.get("return_timestamps")
         if timestamps not in (None, False, True, "chunk"):
             raise ValueError(f"return_timestamps must be 'chunk' (or True / None), got {timestamps!r}")
-        window = settings.get("chunk_length_s", MAX_WINDOW_S)
-        if not 0 < window <= MAX_WINDOW_S:
-            raise ValueError(f"chunk_length_s must lie in (0, {MAX_WINDOW_S:g}] seconds, got {window!r}")
+        longest = self.max_window_s
+        window = settings.get("chunk_length_s", longest)
+        if not 0 < window <= longest:
+            raise ValueError(
+                f"chunk_length_s must lie in (0, {longest:g}] seconds (the longest clip this checkpoint holds), "
+                f"got {window!r}"
+            )
         if _is_batch(inputs):
             return self.run(list(inputs), settings, gen)
         return self.run([inputs], settings, gen)[0]
+
+    @property
+    def max_window_s(self) -> float:
+        """The longest window: 30 s, or less when the checkpoint holds less audio per clip."""
+        return min(MAX_WINDOW_S, self.processor.max_audio_seconds)
 
     def preprocess(self, audio: Any, settings: dict[str, Any]) -> list[Prompt]:
         extractor = self.processor.feature_extractor
         rate = extractor.sampling_rate
         (wave,) = extractor.prepare([audio], settings.get("sampling_rate"))  # mono float32 [samples] at `rate`
         spans = split_into_windows(
-            wave, rate, settings.get("chunk_length_s", MAX_WINDOW_S), settings.get("cut_search_s", CUT_SEARCH_S)
+            wave, rate, settings.get("chunk_length_s", self.max_window_s), settings.get("cut_search_s", CUT_SEARCH_S)
         )
         instruction = settings.get("instruction") or DEFAULT_INSTRUCTION
         prompts = []

@@ -8,7 +8,7 @@ generated tokens of each input back into the user-facing result (``postprocess``
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -20,7 +20,7 @@ from ..processors.chat import chat_media
 # Keywords that go to generation rather than to the task (GenerationConfig fields and generate()'s extras).
 GENERATION_KEYS = frozenset({f.name for f in fields(GenerationConfig)} | {"eos_token_id", "seed", "generator"})
 # Keywords every pipeline call accepts besides its task's own.
-COMMON_KEYS = frozenset({"batch_size", "progress", "generate_kwargs", "stop_sequence"})
+COMMON_KEYS = frozenset({"batch_size", "progress", "on_batch", "generate_kwargs", "stop_sequence"})
 
 
 @dataclass
@@ -149,7 +149,7 @@ class Pipeline:
                 if key in gen:
                     raise ValueError(f"{key!r} is given twice, once in generate_kwargs and once as a keyword")
                 gen[key] = value
-            elif key in self.task_keys or key in ("batch_size", "progress"):
+            elif key in self.task_keys or key in ("batch_size", "progress", "on_batch"):
                 task[key] = value
             else:
                 known = sorted(self.task_keys | GENERATION_KEYS | COMMON_KEYS)
@@ -239,9 +239,12 @@ class Pipeline:
         """Yield ``(index, result)`` per input, in order, as soon as all its prompts are generated.
 
         Prompts are collected across inputs into batches of ``batch_size`` (an input can give several prompts, e.g.
-        the windows of a long recording), so the model always sees full batches.
+        the windows of a long recording), so the model always sees full batches. ``settings["on_batch"]``, when
+        given, is called with the prompts of each generated batch (e.g. to advance a progress bar by the audio
+        their windows cover, whose span is in each prompt's ``meta``).
         """
         batch_size = settings.get("batch_size", self.batch_size)
+        on_batch = settings.get("on_batch")
         total = len(items) if isinstance(items, Sized) else None
         with self._progress_bar(total, batch_size, settings.get("progress", self.progress)) as bar:
             pending: list[tuple[int, Prompt]] = []
@@ -264,16 +267,24 @@ class Pipeline:
                 pending.extend((index, p) for p in prompts)
                 while len(pending) >= batch_size:
                     batch, pending = pending[:batch_size], pending[batch_size:]
-                    self._run_batch(batch, gen, outputs)
+                    self._run_batch(batch, gen, outputs, on_batch)
                     yield from finished_items()
             if pending:
-                self._run_batch(pending, gen, outputs)
+                self._run_batch(pending, gen, outputs, on_batch)
             yield from finished_items()
 
-    def _run_batch(self, batch: list[tuple[int, Prompt]], gen: dict[str, Any], outputs: dict) -> None:
+    def _run_batch(
+        self,
+        batch: list[tuple[int, Prompt]],
+        gen: dict[str, Any],
+        outputs: dict,
+        on_batch: Callable[[list[Prompt]], None] | None = None,
+    ) -> None:
         results = self.forward([p for _, p in batch], gen)
         for (index, _), result in zip(batch, results, strict=True):
             outputs.setdefault(index, []).append(result)
+        if on_batch is not None:
+            on_batch([p for _, p in batch])
 
     def _progress_bar(self, total: int | None, batch_size: int, progress: bool | None) -> Any:
         from tqdm.auto import tqdm

@@ -315,6 +315,27 @@ class _BatchLayout:
         return cls(length, starts, lengths)
 
 
+def longest_clip_samples(
+    soft_tokens: int, frames_per_token: int, settings: AudioSettings, pad_to_multiple_of: int = 128
+) -> int:
+    """The most samples a clip may have for the audio encoder to give at most ``soft_tokens`` soft tokens.
+
+    frames_per_token: the encoder's time reduction, prod(sub-sampling time strides) x conformer reduction factor
+    (published: 2 x 2 x 4 = 16). A padded batch of L samples has (L - frame_length - 1) // hop + 1 frames, and F
+    frames give ceil(F / frames_per_token) tokens, so L <= soft_tokens x frames_per_token x hop + frame_length; the
+    padded length is a multiple of ``pad_to_multiple_of``, so the clip may be at most that bound rounded down to it.
+    Published values: 188 x 16 x 160 + 512 = 481792 samples (30.1 s), above the 30 s the extractor truncates to.
+    """
+    longest = soft_tokens * frames_per_token * settings.hop_length + settings.frame_length
+    return longest - longest % pad_to_multiple_of if pad_to_multiple_of else longest
+
+
+def frames_per_soft_token(time_strides: list[int], reduction_factor: int) -> int:
+    """Log-mel frames per audio soft token: the product of the sub-sampling convolutions' time strides times the
+    conformer's reduction factor (each keeps ceil(T / stride) steps, and nested ceilings compose into one)."""
+    return math.prod(time_strides) * reduction_factor
+
+
 def _clip_samples(wave: torch.Tensor, n: int) -> np.ndarray:
     """The first n samples of a clip as float32 numpy (a view when the clip already is float32 on the CPU)."""
     return wave[:n].detach().cpu().to(torch.float32).numpy()

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio import AudioFeatureExtractor, AudioSettings
+from ..model_names import resolve_model_name
+from .audio import AudioFeatureExtractor, AudioSettings, frames_per_soft_token, longest_clip_samples
 from .chat import ChatTemplate, chat_media, default_template_text, find_template
 from .files import ConfigError, get_int, get_section, read_json
 from .image import ImageProcessor, ImageSettings
@@ -86,6 +87,11 @@ def _flatten_audio(audio: Any) -> list[Any]:
 class Processor:
     """Tokenizer + chat template + image processor + audio feature extractor for Gemma 3n."""
 
+    # The audio encoder's log-mel frames per soft token and soft tokens per clip, which bound the longest clip;
+    # from_pretrained takes them from the checkpoint's config.json (published: 2 x 2 x 4 = 16 and 188).
+    audio_frames_per_token: int = 16
+    audio_soft_tokens_per_clip: int | None = None  # None: audio_seq_length
+
     def __init__(
         self,
         tokenizer: Tokenizer,
@@ -109,7 +115,7 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Processor:
-        """Read a checkpoint's processor files.
+        """Read a checkpoint's processor files (``path``: a directory, "tiny-random" or a hub id).
 
         Tokenizer: tokenizer.json (+ tokenizer_config.json / special_tokens_map.json). Chat template:
         chat_template.jinja, chat_template.json, tokenizer_config.json, else the default in gemma3n/templates.
@@ -117,9 +123,7 @@ class Processor:
         or the published layout (one flat preprocessor_config.json with both, beside a processor_config.json
         holding image_seq_length / audio_seq_length). Without any of these files, the published values are used.
         """
-        directory = Path(path)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"processor directory not found: {str(directory)!r}")
+        directory = resolve_model_name(path, kind="processor", required_file=None)
         processor_file = directory / "processor_config.json"
         processor_config = read_json(processor_file) if processor_file.is_file() else {}
         psource = processor_file.name
@@ -148,7 +152,7 @@ class Processor:
         template_text, template_source = find_template(directory)
         image_seq_length = get_int(processor_config, "image_seq_length", 256, psource, minimum=1)
         audio_seq_length = get_int(processor_config, "audio_seq_length", 188, psource, minimum=1)
-        return cls(
+        processor = cls(
             Tokenizer.from_pretrained(directory),  # last: the slowest part, after the cheap checks
             ImageProcessor(image_settings),
             AudioFeatureExtractor(audio_settings),
@@ -156,6 +160,45 @@ class Processor:
             image_seq_length=image_seq_length,
             audio_seq_length=audio_seq_length,
         )
+        processor._read_audio_limits(directory / "config.json")
+        return processor
+
+    def _read_audio_limits(self, config_file: Path) -> None:
+        """The audio encoder's time reduction and soft tokens per clip from a checkpoint's config.json, if any."""
+        if not config_file.is_file():
+            return
+        from ..config import Gemma3nConfig
+
+        config = Gemma3nConfig.from_pretrained(config_file)
+        if config.audio is not None:
+            strides = [stride_t for stride_t, _ in config.audio.sscp_conv_stride_size]
+            self.audio_frames_per_token = frames_per_soft_token(strides, config.audio.conf_reduction_factor)
+            self.audio_soft_tokens_per_clip = config.audio_soft_tokens_per_image
+
+    @property
+    def max_audio_samples(self) -> int:
+        """The longest clip (in samples at the extractor's rate) whose soft tokens fit the checkpoint's count."""
+        tokens = min(self.audio_seq_length, self.audio_soft_tokens_per_clip or self.audio_seq_length)
+        return longest_clip_samples(tokens, self.audio_frames_per_token, self.feature_extractor.settings)
+
+    @property
+    def max_audio_seconds(self) -> float:
+        """:attr:`max_audio_samples` in seconds (published checkpoints: 30.1 s, above the 30 s truncation)."""
+        return self.max_audio_samples / self.feature_extractor.sampling_rate
+
+    def _check_audio_lengths(self, waves: list[torch.Tensor], truncate_at: int | None) -> None:
+        """A clip longer than the checkpoint holds (after truncation to ``truncate_at`` samples, rounded up to a
+        multiple of 128 as the extractor does) is an error naming the longest clip it accepts."""
+        limit, rate = self.max_audio_samples, self.feature_extractor.sampling_rate
+        cap = None if truncate_at is None else -(-truncate_at // 128) * 128
+        for i, wave in enumerate(waves):
+            n = wave.shape[-1] if cap is None else min(wave.shape[-1], cap)
+            if n > limit:
+                raise ValueError(
+                    f"audio {i} is {n / rate:.2f} s long, but this checkpoint takes at most {limit / rate:.3f} s "
+                    f"({limit} samples at {rate} Hz) per clip; split longer audio into clips (the "
+                    "automatic-speech-recognition pipeline does)"
+                )
 
     # ---- token texts / ids ----------------------------------------------------------------------------------
 
@@ -240,6 +283,7 @@ class Processor:
             out["pixel_values"] = pixel_values.numpy() if return_tensors == "np" else pixel_values
         if audio_list:
             waves = self.feature_extractor.prepare(audio_list, sampling_rate)
+            self._check_audio_lengths(waves, audio_max_length if audio_truncation else None)
             features, mask = self.feature_extractor(waves, max_length=audio_max_length, truncation=audio_truncation)
             if return_tensors == "np":
                 features, mask = features.numpy(), mask.numpy()
