@@ -34,11 +34,12 @@ def _soundfile_reason(error: Exception) -> str:
 
 def _decode_with_audioread(path: str) -> tuple[np.ndarray, int]:
     """librosa's audioread fallback (formats libsndfile cannot read), with its deprecation noise kept off stderr."""
-    import librosa  # lazy: only needed for formats soundfile cannot read
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="PySoundFile failed", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning, module="librosa")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="audioread")  # its stdlib imports
+        import librosa  # lazy: only needed for formats soundfile cannot read
+
         array, rate = librosa.load(path, sr=None, mono=False)
     return array, int(rate)
 

@@ -120,19 +120,22 @@ class TextSettings:
     @classmethod
     def resolve(
         cls,
-        padding: bool | str,
+        padding: bool | str | None,
         truncation: bool | str | None,
         max_length: int | None,
         pad_to_multiple_of: int | None,
         padding_side: str | None,
         tokenizer: Tokenizer,
     ) -> TextSettings:
-        """The reference tokenizer's rules: max_length alone (padding off) truncates; without max_length,
-        truncation and padding="max_length" use the tokenizer's model_max_length, or do nothing without one."""
+        """The reference tokenizer's rules: max_length alone (padding off or left at None) truncates; without
+        max_length, truncation and padding="max_length" use the tokenizer's model_max_length, or do nothing without
+        one. padding=None pads to the longest."""
         for name, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
-        if padding in (True, "longest"):
+        if truncation is None and max_length is not None and padding in (None, False, "do_not_pad"):
+            truncation = True
+        if padding in (None, True, "longest"):
             pad = "longest"
         elif padding in (False, "do_not_pad"):
             pad = "none"
@@ -140,8 +143,6 @@ class TextSettings:
             pad = "max_length"
         else:
             raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
-        if truncation is None and max_length is not None and pad == "none":
-            truncation = True
         if truncation not in _TRUNCATE and truncation not in _NO_TRUNCATION:
             raise ValueError(
                 f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', "
@@ -287,7 +288,7 @@ class Processor:
         *,
         sampling_rate: int | None = None,
         return_tensors: str | None = "pt",
-        padding: bool | str = True,
+        padding: bool | str | None = None,
         truncation: bool | str | None = None,
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
@@ -303,9 +304,10 @@ class Processor:
         text: one prompt or a list; each `<image_soft_token>` / `<audio_soft_token>` marks where one image / clip
             goes (in order). images: one image, a flat list, or one list per prompt. audio: one clip or a list
             (arrays/tensors at `sampling_rate`, default 16 kHz; {"array", "sampling_rate"} dicts; file paths).
-        Text settings as in transformers' tokenizers: `padding` True / "longest" (default), "max_length" (to
-        `max_length`) or False; `truncation` True / "longest_first" / "only_first" cuts each prompt to `max_length`
-        tokens (also when only `max_length` is given and padding is off, as the reference does); `pad_to_multiple_of`
+        Text settings as in transformers' tokenizers: `padding` True / "longest", "max_length" (to `max_length`) or
+        False; the default (None) pads a batch to its longest prompt, so that it forms tensors, while still letting
+        `max_length` alone truncate as the reference's default (no padding) does. `truncation` True /
+        "longest_first" / "only_first" cuts each prompt to `max_length` tokens; `pad_to_multiple_of`
         rounds the padded length up; batches are padded on `padding_side` (default: the tokenizer's, left for
         Gemma). Truncation that cuts into an image's or a clip's soft tokens is an error. Returns input_ids,
         attention_mask and token_type_ids (0 text, 1 image soft token, 3 audio soft token, as the reference;
@@ -539,7 +541,7 @@ class Processor:
         out = self(text=prompts, images=batch_images if has_images else None, audio=audio or None, **call_kwargs)
         if spans is not None:
             settings = TextSettings.resolve(
-                call_kwargs.get("padding", True),
+                call_kwargs.get("padding"),
                 call_kwargs.get("truncation"),
                 call_kwargs.get("max_length"),
                 call_kwargs.get("pad_to_multiple_of"),
