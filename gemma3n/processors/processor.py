@@ -7,7 +7,9 @@
 
 Each `<image_soft_token>` placeholder in the prompt becomes "\\n\\n<start_of_image>" + image_seq_length soft tokens
 + "<end_of_image>\\n\\n" (audio likewise with <start_of_audio> / <end_of_audio> and audio_seq_length), exactly as
-the reference Gemma3nProcessor expands them, before tokenization.
+the reference Gemma3nProcessor expands them, before tokenization. Outputs input_ids, attention_mask and
+token_type_ids (1 on image, 3 on audio soft tokens) like the reference; padding / truncation follow transformers'
+tokenizer rules (see text_settings.py).
 """
 
 from __future__ import annotations
