@@ -13,12 +13,17 @@ import pytest
 import torch
 
 from gemma3n.pipelines.base import chat_prompt
-from gemma3n.processors import ChatTemplate
+from gemma3n.processors import ChatTemplate, Processor
 
 try:
-    from test_processor_utils import PUBLISHED_TEMPLATE, our_processor, reference_processor
+    from test_processor_utils import PUBLISHED_TEMPLATE, our_processor, reference_processor, tiny_dir_with_changed_json
 except ImportError:  # tests/ used as a package
-    from .test_processor_utils import PUBLISHED_TEMPLATE, our_processor, reference_processor
+    from .test_processor_utils import (
+        PUBLISHED_TEMPLATE,
+        our_processor,
+        reference_processor,
+        tiny_dir_with_changed_json,
+    )
 
 PROMPTS = [
     "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
@@ -81,6 +86,26 @@ def test_text_settings_match_reference(settings):
     else:
         reference = reference_processor()(text=PROMPTS, **settings)
     assert_same_text_inputs(ours, reference, settings.get("return_tensors", "pt"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_truncation_side_and_model_max_length_from_the_tokenizer_config(tmp_path):
+    from transformers import AutoProcessor
+
+    change = {"truncation_side": "left", "model_max_length": 12}
+    directory = tiny_dir_with_changed_json(tmp_path, "tokenizer_config.json", change)
+    reference, ours = AutoProcessor.from_pretrained(str(directory)), Processor.from_pretrained(directory)
+    assert ours.tokenizer.truncation_side == "left" and ours.tokenizer.model_max_length == 12
+    short = ["Hello", "Hi there, friend"]
+    for text, settings in (
+        (PROMPTS, {"truncation": True, "padding": True}),  # cut to model_max_length, keeping the end
+        (short, {"padding": "max_length"}),  # padded to model_max_length
+        (PROMPTS, {"truncation": True, "max_length": 5, "padding": "max_length"}),
+    ):
+        assert_same_text_inputs(
+            ours(text=text, return_tensors=None, **settings), reference(text=text, **settings), None
+        )
+    assert ours(text=short, padding="max_length")["input_ids"].shape == (2, 12)
 
 
 def test_token_type_ids_mark_soft_tokens_and_can_be_left_out():
