@@ -8,6 +8,8 @@ Flat functions in the gpt-fast spirit: ``prefill`` fills the preallocated cache 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -79,18 +81,45 @@ class GenerationConfig:
         return config
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        """Raise ValueError naming the setting when a value cannot work (wrong type, NaN / infinite, out of range)."""
+        if not _is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        if not _is_finite_number(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and (not _is_finite_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not _is_integer(self.top_k) or self.top_k < 0):
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def _is_integer(value: Any) -> bool:
+    """An int (numpy ints too), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A real, finite number (int or float, numpy scalars too), but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_context(prompt_length: int, max_new_tokens: int, context: int | None) -> None:
+    """Raise ValueError when the prompt plus ``max_new_tokens`` cannot fit the model's context (positions)."""
+    if context is None or prompt_length + max_new_tokens <= context:
+        return
+    if prompt_length >= context:
+        raise ValueError(
+            f"the prompt has {prompt_length} tokens, but the model's context is {context} tokens "
+            "(max_position_embeddings): shorten the prompt"
+        )
+    raise ValueError(
+        f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} = {prompt_length + max_new_tokens} "
+        f"tokens exceeds the model's context of {context} tokens (max_position_embeddings); "
+        f"use max_new_tokens <= {context - prompt_length}"
+    )
 
 
 def sample_next_token(
@@ -207,6 +236,7 @@ def generate(
     input_features: torch.Tensor | None = None,
     input_features_mask: torch.Tensor | None = None,
     *,
+    token_type_ids: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
     do_sample: bool | None = None,
     temperature: float | None = None,
@@ -229,7 +259,10 @@ def generate(
     (batch 1), or an object with ``put(token_ids)`` / ``end()`` like transformers' streamers (``put`` gets the prompt
     [B, T] first, then each step's tokens [B]). ``compile=True`` runs the decode steps through
     :func:`compiled_decode_step` (same tokens; pays off over many steps with recurring shapes).
+    ``token_type_ids`` (from the processor) is accepted so that ``generate(**inputs)`` works, and ignored: the
+    placeholder ids already mark where images and audio go, as in the reference.
     """
+    del token_type_ids
     for piece in _generate_iter(
         model,
         input_ids,
@@ -269,6 +302,7 @@ def stream_generate(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Itera
     modal = [kwargs.pop(n, None) for n in names]
     seed, generator, streamer = kwargs.pop("seed", None), kwargs.pop("generator", None), kwargs.pop("streamer")
     compile_steps = kwargs.pop("compile", False)
+    kwargs.pop("token_type_ids", None)  # processor output; unused, as in generate
     if "eos_token_id" in kwargs:
         kwargs["eos_token_ids"] = kwargs.pop("eos_token_id")
     for item in _generate_iter(
@@ -317,6 +351,7 @@ def _generate_iter(
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
+    check_context(T, config.max_new_tokens, getattr(model.config.text, "max_position_embeddings", None))
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")

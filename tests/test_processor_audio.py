@@ -1,8 +1,10 @@
 """Audio: gemma3n's log-mel features vs transformers' Gemma3nAudioFeatureExtractor on the same waveforms.
 
 Tolerance: max |ours - reference| <= 1e-4 on the features (log-mel, values roughly in [-11.6, 5]); masks identical.
-The reference does not resample, so for other rates the reference input is torchaudio's resample to 16 kHz
-(after averaging the channels for stereo) -- the documented pipeline.
+The reference feature extractor does not resample; the reference processor's file loading (transformers'
+load_audio, librosa backend) averages the channels and resamples with soxr's HQ filter. So for other rates the
+reference input is librosa.resample(res_type="soxr_hq") of the channel mean -- what gemma3n does for arrays and
+files alike.
 """
 
 from __future__ import annotations
@@ -10,19 +12,20 @@ from __future__ import annotations
 import math
 import os
 import signal
+import warnings
 
+import librosa
 import numpy as np
 import pytest
 import soundfile
 import torch
-import torchaudio.functional as AF
 
 from gemma3n.processors import AudioFeatureExtractor, AudioSettings, ConfigError, Processor
 
 try:
-    from test_processor_utils import our_processor, tiny_dir_with_changed_json
+    from test_processor_utils import our_processor, reference_processor, tiny_dir_with_changed_json
 except ImportError:  # tests/ used as a package
-    from .test_processor_utils import our_processor, tiny_dir_with_changed_json
+    from .test_processor_utils import our_processor, reference_processor, tiny_dir_with_changed_json
 
 ATOL = 1e-4
 AUDIO = "<audio_soft_token>"
@@ -70,7 +73,7 @@ def test_features_match_reference_after_resampling(reference_extractor, rate, la
     clip = speech_like(1.3, rate, seed=rate, channels=1 if layout == "mono" else 2)
     mono = clip if layout == "mono" else clip.mean(axis=0)
     given = clip.T.copy() if layout == "stereo_channels_last" else clip
-    expected_wave = AF.resample(torch.from_numpy(mono), rate, 16000).numpy()
+    expected_wave = librosa.resample(mono, orig_sr=rate, target_sr=16000, res_type="soxr_hq")
     ref_features, ref_mask = reference_features(reference_extractor, [expected_wave])
 
     out = processor(text=f"Listen: {AUDIO}", audio=[{"array": given, "sampling_rate": rate}])
@@ -323,6 +326,50 @@ def test_unreadable_audio_files_name_the_file(tmp_path):
     corrupt.write_bytes(b"RIFF\x00\x00garbage" * 10)
     with pytest.raises(OSError, match="corrupt.wav"):
         processor(text=AUDIO, audio=[str(corrupt)])
+
+
+def test_undecodable_audio_gives_the_real_reason_and_keeps_stderr_clean(tmp_path, capfd):
+    """The reason comes from soundfile (and from librosa's audioread fallback when that runs too); the fallback's
+    "PySoundFile failed" and deprecation warnings are not shown."""
+    processor = our_processor()
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00garbage" * 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(OSError, match=r"cannot decode audio file '.*empty\.wav': the file is empty \(0 bytes\)"):
+            processor(text=AUDIO, audio=[str(empty)])
+        with pytest.raises(OSError, match=r"corrupt\.wav': Format not recognised\. \(audioread fallback: \w+"):
+            processor(text=AUDIO, audio=[str(corrupt)])
+        with pytest.raises(OSError, match=r"cannot decode audio '<bytes>': Format not recognised"):
+            processor(text=AUDIO, audio=[b"not audio at all"])
+    assert [str(w.message) for w in caught] == []
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_file_at_44k_matches_the_reference_processor(tmp_path):
+    """A 44.1 kHz stereo file: the reference processor loads it with transformers' load_audio (librosa: channel
+    mean, then soxr HQ resampling); gemma3n decodes, mixes and resamples the same way, so the 16 kHz waveforms are
+    bit-identical and the features differ only by the feature extractor's own rounding (<= 1e-4; about 5e-7
+    measured). The bound holds on any CPU: both sides call the same soxr build on the same samples in one process,
+    and the feature parity itself is tested above on the same waveform."""
+    from transformers.audio_utils import load_audio
+
+    rate = 44_100
+    path = tmp_path / "speech44k.wav"
+    soundfile.write(path, speech_like(1.7, rate, seed=44, channels=2).T, rate)
+    (ours_wave,) = AudioFeatureExtractor().prepare([str(path)])
+    reference_wave = load_audio(str(path), sampling_rate=16_000, backend="librosa")
+    assert ours_wave.dtype == torch.float32 and np.array_equal(ours_wave.numpy(), reference_wave)
+    messages = [{"role": "user", "content": [{"type": "audio", "path": str(path)}, {"type": "text", "text": "Hi"}]}]
+    kwargs = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+    reference = reference_processor().apply_chat_template(messages, **kwargs)
+    ours = our_processor().apply_chat_template(messages, **kwargs)
+    assert_close(ours["input_features"], reference["input_features"])
+    assert torch.equal(ours["input_features_mask"], reference["input_features_mask"])
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def conversation(seed: int, image_path: str) -> list[dict]:
     ]
 
 
-KEYS = ("input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask")
+KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "input_features", "input_features_mask")
 
 
 def test_chat_with_images_and_audio_matches_reference(tmp_path):
@@ -63,7 +63,7 @@ def test_chat_with_images_and_audio_matches_reference(tmp_path):
     kwargs = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
     reference = reference_processor().apply_chat_template(messages, **kwargs)
     ours = our_processor().apply_chat_template(messages, **kwargs)
-    assert isinstance(ours, BatchInputs) and set(ours) == set(KEYS)
+    assert isinstance(ours, BatchInputs) and set(ours) == set(KEYS) == set(reference)
     assert_inputs_equal(ours, reference, KEYS)
     ids = ours["input_ids"][0]
     assert int((ids == 262145).sum()) == 2 * 256 and int((ids == 262273).sum()) == 188
@@ -90,8 +90,10 @@ def test_processor_call_and_token_types_match_reference():
     audio = [(0.05 * rng.standard_normal(12000)).astype(np.float32)]
     text = "<start_of_turn>user\n<image_soft_token> and <audio_soft_token>?<end_of_turn>\n<start_of_turn>model\n"
     reference = reference_processor()(text=text, images=images, audio=audio, return_tensors="pt")
-    ours = our_processor()(text=text, images=images, audio=audio, return_token_type_ids=True)
-    assert_inputs_equal(ours, reference, (*KEYS, "token_type_ids"))
+    ours = our_processor()(text=text, images=images, audio=audio)
+    assert set(ours) == set(reference)
+    assert_inputs_equal(ours, reference, KEYS)
+    assert int((ours["token_type_ids"] == 1).sum()) == 256 and int((ours["token_type_ids"] == 3).sum()) == 188
     assert ours["input_ids"][0, :2].tolist() == [2, 105]  # processor() adds <bos> (the template already has it)
 
 

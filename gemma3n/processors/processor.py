@@ -7,11 +7,15 @@
 
 Each `<image_soft_token>` placeholder in the prompt becomes "\\n\\n<start_of_image>" + image_seq_length soft tokens
 + "<end_of_image>\\n\\n" (audio likewise with <start_of_audio> / <end_of_audio> and audio_seq_length), exactly as
-the reference Gemma3nProcessor expands them, before tokenization.
+the reference Gemma3nProcessor expands them, before tokenization. Outputs input_ids, attention_mask and
+token_type_ids (1 on image, 3 on audio soft tokens) like the reference; padding / truncation follow transformers'
+tokenizer rules (see text_settings.py).
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,10 @@ import torch
 
 from ..model_names import resolve_model_name
 from .audio import AudioFeatureExtractor, AudioSettings, frames_per_soft_token, longest_clip_samples
-from .chat import ChatTemplate, chat_media, default_template_text, find_template
+from .chat import ChatTemplate, chat_media, default_template_text, find_template, normalize_messages
 from .files import ConfigError, get_int, get_section, read_json
 from .image import ImageProcessor, ImageSettings
+from .text_settings import TextSettings, pad_rows, shifted_position
 from .tokenizer import Tokenizer
 
 IMAGE_PROCESSOR_TYPES = ("SiglipImageProcessor", "SiglipImageProcessorFast")
@@ -82,6 +87,24 @@ def _flatten_audio(audio: Any) -> list[Any]:
             return [np.asarray(audio, dtype=np.float32)]  # one clip given as a list of numbers
         return list(audio)
     return [audio]
+
+
+# The processor-call keywords apply_chat_template passes on when given directly (not in processor_kwargs).
+_CALL_ARGUMENTS = frozenset(
+    {
+        "sampling_rate",
+        "padding",
+        "truncation",
+        "max_length",
+        "pad_to_multiple_of",
+        "padding_side",
+        "add_special_tokens",
+        "return_token_type_ids",
+        "return_attention_mask",
+        "audio_max_length",
+        "audio_truncation",
+    }
+)
 
 
 class Processor:
@@ -228,11 +251,14 @@ class Processor:
         *,
         sampling_rate: int | None = None,
         return_tensors: str | None = "pt",
-        padding: bool | str = True,
-        padding_side: str | None = None,
+        padding: bool | str | None = None,
+        truncation: bool | str | None = None,
         max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
         add_special_tokens: bool = True,
-        return_token_type_ids: bool = False,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
         audio_max_length: int | None = 480_000,
         audio_truncation: bool = True,
     ) -> BatchInputs:
@@ -241,8 +267,16 @@ class Processor:
         text: one prompt or a list; each `<image_soft_token>` / `<audio_soft_token>` marks where one image / clip
             goes (in order). images: one image, a flat list, or one list per prompt. audio: one clip or a list
             (arrays/tensors at `sampling_rate`, default 16 kHz; {"array", "sampling_rate"} dicts; file paths).
-        padding: True / "longest" (default), "max_length" (with max_length) or False; batches are padded on
-            `padding_side` (default: the tokenizer's, left for Gemma). return_tensors: "pt", "np" or None (lists).
+        Text settings as in transformers' tokenizers: `padding` True / "longest", "max_length" (to `max_length`) or
+        False; the default (None) pads a batch to its longest prompt, so that it forms tensors, while still letting
+        `max_length` alone truncate as the reference's default (no padding) does. `truncation` True /
+        "longest_first" / "only_first" cuts each prompt to `max_length` tokens; `pad_to_multiple_of`
+        rounds the padded length up; batches are padded on `padding_side` (default: the tokenizer's, left for
+        Gemma). Truncation that cuts into an image's or a clip's soft tokens is an error. Returns input_ids,
+        attention_mask and token_type_ids (0 text, 1 image soft token, 3 audio soft token, as the reference;
+        `return_attention_mask=False` / `return_token_type_ids=False` leave them out), plus pixel_values and
+        input_features / input_features_mask for images / audio. The audio length cap is `audio_max_length`
+        samples (the text's `max_length` does not cut audio). return_tensors: "pt", "np" or None (lists).
         """
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
@@ -260,24 +294,19 @@ class Processor:
             raise TypeError("text must be a string or a list of strings")
 
         self._check_counts(prompts, image_list, per_prompt, audio_list)
-        expanded = [
-            p.replace(self.audio_token, self.full_audio_sequence).replace(self.image_token, self.full_image_sequence)
-            for p in prompts
-        ]
-        batch_ids = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
-        out = BatchInputs(self._pad(batch_ids, padding, padding_side, max_length, return_tensors))
-        if return_token_type_ids:
-            ids = out["input_ids"]
-            ids_t = torch.as_tensor(ids) if not isinstance(ids, list) else None
-            if ids_t is not None:
-                types = torch.zeros_like(ids_t)
-                types[ids_t == self.image_token_id] = 1
-                types[ids_t == self.audio_token_id] = 3
-                out["token_type_ids"] = types if return_tensors == "pt" else types.numpy()
-            else:
-                kinds = {self.image_token_id: 1, self.audio_token_id: 3}
-                out["token_type_ids"] = [[kinds.get(i, 0) for i in row] for row in ids]
-
+        settings = TextSettings.resolve(
+            padding, truncation, max_length, pad_to_multiple_of, padding_side, self.tokenizer
+        )
+        out = BatchInputs(
+            self._encode_text(
+                prompts,
+                settings,
+                add_special_tokens,
+                return_tensors,
+                return_token_type_ids=return_token_type_ids is not False,
+                return_attention_mask=return_attention_mask is not False,
+            )
+        )
         if image_list:
             pixel_values = self.image_processor(image_list)  # [n_images, 3, H, W]
             out["pixel_values"] = pixel_values.numpy() if return_tensors == "np" else pixel_values
@@ -313,41 +342,80 @@ class Processor:
                 "were given"
             )
 
-    def _pad(
+    def _expand(self, prompt: str) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt with each placeholder replaced by its full soft-token run, and the shifts that moves later
+        characters by: [(end of the placeholder in the prompt, characters added)], in order."""
+        runs = {self.image_token: self.full_image_sequence, self.audio_token: self.full_audio_sequence}
+        pattern = "|".join(re.escape(token) for token in runs)
+        shifts = [(m.end(), len(runs[m.group()]) - len(m.group())) for m in re.finditer(pattern, prompt)]
+        return re.sub(pattern, lambda m: runs[m.group()], prompt), shifts
+
+    def _encode_text(
         self,
-        batch_ids: list[list[int]],
-        padding: bool | str,
-        padding_side: str | None,
-        max_length: int | None,
+        prompts: list[str],
+        settings: TextSettings,
+        add_special_tokens: bool,
         return_tensors: str | None,
+        return_token_type_ids: bool = True,
+        return_attention_mask: bool = True,
+        generation_spans: list[list[tuple[int, int]]] | None = None,
     ) -> dict[str, Any]:
-        lengths = {len(ids) for ids in batch_ids}
-        if padding in (False, "do_not_pad"):
-            if return_tensors is None:
-                return {"input_ids": batch_ids, "attention_mask": [[1] * len(ids) for ids in batch_ids]}
-            if len(lengths) > 1:
-                raise ValueError("prompts have different lengths; use padding=True to return tensors")
-            length = None
-        elif padding in (True, "longest"):
-            length = None
-        elif padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            length = max_length
-        else:
-            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
-        input_ids, attention_mask = self.tokenizer.pad(batch_ids, padding_side=padding_side, length=length)
-        if return_tensors == "np":
-            return {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        """Expand placeholders, tokenize (truncating as `settings` say), pad; with `generation_spans` (character spans
+        of assistant text per prompt) also the reference's `assistant_masks` (1 on tokens overlapping a span)."""
+        expanded = [self._expand(p) for p in prompts]
+        encoded = self.tokenizer.encode_batch_with_offsets(
+            [text for text, _ in expanded], add_special_tokens=add_special_tokens, max_length=settings.truncate_to
+        )
+        kinds = {self.image_token_id: 1, self.audio_token_id: 3}
+        rows: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
+        if generation_spans is not None:
+            rows["assistant_masks"] = []
+        for i, (ids, offsets) in enumerate(encoded):
+            if settings.truncate_to is not None:
+                self._check_soft_tokens_kept(i, prompts[i], ids, settings.truncate_to)
+            rows["input_ids"].append(ids)
+            rows["attention_mask"].append([1] * len(ids))
+            rows["token_type_ids"].append([kinds.get(t, 0) for t in ids])
+            if generation_spans is not None:
+                shifts = expanded[i][1]
+                spans = [(shifted_position(a, shifts), shifted_position(b, shifts)) for a, b in generation_spans[i]]
+                rows["assistant_masks"].append(
+                    [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]  # token [a, b) overlaps
+                )
+        rows = pad_rows(rows, settings, self.tokenizer.pad_token_id)
+        if not return_token_type_ids:
+            del rows["token_type_ids"]
+        if not return_attention_mask:
+            del rows["attention_mask"]
         if return_tensors is None:
-            return {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist()}
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+            return rows
+        lengths = sorted({len(r) for r in rows["input_ids"]})
+        if len(lengths) > 1:
+            raise ValueError(
+                f"the prompts have different lengths ({', '.join(map(str, lengths))} tokens) and cannot form one "
+                "tensor: use padding=True (or padding='max_length' with a max_length that fits them all)"
+            )
+        tensors = {key: torch.tensor(value, dtype=torch.long).reshape(len(value), -1) for key, value in rows.items()}
+        return {k: v.numpy() for k, v in tensors.items()} if return_tensors == "np" else tensors
+
+    def _check_soft_tokens_kept(self, index: int, prompt: str, ids: list[int], max_length: int) -> None:
+        for kind, token, token_id, run in (
+            ("image", self.image_token, self.image_token_id, self.image_seq_length),
+            ("audio", self.audio_token, self.audio_token_id, self.audio_seq_length),
+        ):
+            expected = prompt.count(token) * run
+            kept = ids.count(token_id)
+            if kept != expected:
+                raise ValueError(
+                    f"truncation to max_length={max_length} cut prompt {index} inside its {kind} soft tokens "
+                    f"({kept} of {expected} kept): raise max_length or turn truncation off"
+                )
 
     # ---- chat -----------------------------------------------------------------------------------------------
 
     def apply_chat_template(
         self,
-        conversation: list[dict] | list[list[dict]],
+        conversation: Sequence[Any],
         add_generation_prompt: bool = False,
         tokenize: bool = False,
         return_dict: bool = False,
@@ -355,37 +423,69 @@ class Processor:
         continue_final_message: bool = False,
         chat_template: str | None = None,
         processor_kwargs: dict | None = None,
-        **template_kwargs: Any,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        return_assistant_tokens_mask: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """Render one conversation (list of messages) or a batch (list of conversations).
 
-        tokenize=False: the prompt text (or list of texts). tokenize=True: input ids, or with return_dict=True the
-        full model inputs, loading the images / audio the messages reference ({"type": "image", "image": PIL |
-        path | url}, {"type": "image", "url" | "path" | "base64": ...}, {"type": "audio", "audio": array | path |
-        dict}, {"type": "audio", "url" | "path": ...}). As in the reference, BOS is not added a second time when
-        the rendered prompt already starts with it.
+        Messages are dicts, or objects (dataclasses, ...) with `role` and `content` attributes. tokenize=False: the
+        prompt text (or list of texts). tokenize=True: input ids, or with return_dict=True the full model inputs,
+        loading the images / audio the messages reference ({"type": "image", "image": PIL | path | url},
+        {"type": "image", "url" | "path" | "base64": ...}, {"type": "audio", "audio": array | path | dict},
+        {"type": "audio", "url" | "path": ...}). As in the reference, BOS is not added a second time when the
+        rendered prompt already starts with it. `tools` (JSON-schema dicts), `documents` (dicts) and keyword
+        arguments are template variables, except the processor call's own (padding, truncation, max_length, ...;
+        see `__call__`), which go to the call like `processor_kwargs` unless the template reads them.
+        `return_assistant_tokens_mask=True` (with tokenize and return_dict) adds `assistant_masks`: 1 on the tokens
+        of text the template wraps in `{% generation %}` ... `{% endgeneration %}`.
         """
-        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = list(conversation) if batched else [conversation]
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError("conversation must be a non-empty list of messages (or a list of conversations)")
+        batched = isinstance(conversation[0], (list, tuple))
+        conversations = [normalize_messages(c) for c in (conversation if batched else [conversation])]
         template = ChatTemplate(chat_template, "chat_template argument") if chat_template else self.chat_template
-        variables = {
-            "bos_token": self.tokenizer.bos_token,
-            "eos_token": self.tokenizer.eos_token,
-            "pad_token": self.tokenizer.pad_token,
-            "unk_token": self.tokenizer.unk_token,
-            "image_token": self.tokenizer.image_token,
-            "audio_token": self.tokenizer.audio_token,
-            **template_kwargs,
-        }
-        prompts = [
-            template.render(
-                conv,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                **variables,
-            )
-            for conv in conversations
-        ]
+        template_variables = template.variables
+        call_kwargs = dict(processor_kwargs or {})
+        variables: dict[str, Any] = dict(self.tokenizer.special_tokens)
+        for key, value in kwargs.items():
+            if key in _CALL_ARGUMENTS and key not in template_variables:
+                call_kwargs[key] = value
+            else:
+                variables[key] = value
+        if return_assistant_tokens_mask:
+            if continue_final_message:
+                raise ValueError("continue_final_message cannot be combined with return_assistant_tokens_mask")
+            if not (tokenize and return_dict):
+                raise ValueError("return_assistant_tokens_mask needs tokenize=True and return_dict=True")
+            if not template.has_generation_tag:
+                warnings.warn(
+                    f"return_assistant_tokens_mask=True but the chat template ({template.source}) has no "
+                    "{% generation %} block: the masks are all zeros",
+                    stacklevel=2,
+                )
+            rendered = [
+                template.render_with_generation_spans(
+                    conv, add_generation_prompt=add_generation_prompt, tools=tools, documents=documents, **variables
+                )
+                for conv in conversations
+            ]
+            prompts = [text for text, _ in rendered]
+            spans: list[list[tuple[int, int]]] | None = [s for _, s in rendered]
+        else:
+            prompts = [
+                template.render(
+                    conv,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    tools=tools,
+                    documents=documents,
+                    **variables,
+                )
+                for conv in conversations
+            ]
+            spans = None
         if not tokenize:
             return prompts if batched else prompts[0]
 
@@ -396,17 +496,30 @@ class Processor:
             batch_images.append(images_here)
             audio.extend(audio_here)
 
-        kwargs = dict(processor_kwargs or {})
         if prompts[0].startswith(self.tokenizer.bos_token):
-            kwargs.setdefault("add_special_tokens", False)
-        kwargs.setdefault("return_tensors", return_tensors)
+            call_kwargs.setdefault("add_special_tokens", False)
+        if return_tensors is not None:
+            call_kwargs["return_tensors"] = return_tensors
+        call_kwargs.setdefault("return_tensors", None)
         has_images = any(batch_images)
-        out = self(
-            text=prompts,
-            images=batch_images if has_images else None,
-            audio=audio or None,
-            **kwargs,
-        )
+        out = self(text=prompts, images=batch_images if has_images else None, audio=audio or None, **call_kwargs)
+        if spans is not None:
+            settings = TextSettings.resolve(
+                call_kwargs.get("padding"),
+                call_kwargs.get("truncation"),
+                call_kwargs.get("max_length"),
+                call_kwargs.get("pad_to_multiple_of"),
+                call_kwargs.get("padding_side"),
+                self.tokenizer,
+            )
+            text_rows = self._encode_text(
+                prompts,
+                settings,
+                call_kwargs.get("add_special_tokens", True),
+                call_kwargs["return_tensors"],
+                generation_spans=spans,
+            )
+            out["assistant_masks"] = text_rows["assistant_masks"]
         return out if return_dict else out["input_ids"]
 
     # ---- decoding -------------------------------------------------------------------------------------------

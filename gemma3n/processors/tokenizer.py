@@ -15,6 +15,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from .files import ConfigError, read_json
 
+NO_LENGTH_LIMIT = int(1e20)  # a model_max_length above this means "no limit" (as transformers reads it)
+
 # Attribute name -> (tokenizer_config.json key, default token text as published for Gemma 3n).
 SPECIAL_TOKENS: dict[str, tuple[str, str]] = {
     "bos_token": ("bos_token", "<bos>"),
@@ -57,9 +59,13 @@ class Tokenizer:
         add_eos_token: bool = False,
         padding_side: str = "left",
         source: str = "tokenizer",
+        truncation_side: str = "right",
+        model_max_length: int | None = None,
     ):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
         self.backend = backend
         # Padding and truncation are done here, not by the backend, so that every caller sees the same behaviour.
         self.backend.no_padding()
@@ -67,6 +73,8 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
         self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.model_max_length = model_max_length  # None: no limit of its own (the published value is 1e30)
         tokens = {name: default for name, (_, default) in SPECIAL_TOKENS.items()}
         tokens.update(special_tokens or {})
         for name, text in tokens.items():
@@ -146,16 +154,27 @@ class Tokenizer:
             eos_id = backend.token_to_id(special.get("eos_token", SPECIAL_TOKENS["eos_token"][1]))
             add_bos = (probe[:1] == [bos_id]) if add_bos is None else add_bos
             add_eos = (len(probe) > 0 and probe[-1] == eos_id) if add_eos is None else add_eos
-        padding_side = config.get("padding_side", "left")
-        if padding_side not in ("left", "right"):
-            raise ConfigError(f'{source}: "padding_side" must be "left" or "right", got {padding_side!r}')
+        sides = {}
+        for key in ("padding_side", "truncation_side"):
+            sides[key] = config.get(key, "left" if key == "padding_side" else "right")
+            if sides[key] not in ("left", "right"):
+                raise ConfigError(f'{source}: "{key}" must be "left" or "right", got {sides[key]!r}')
+        model_max_length = config.get("model_max_length")
+        if model_max_length is not None and (
+            isinstance(model_max_length, bool) or not isinstance(model_max_length, (int, float)) or model_max_length < 1
+        ):
+            raise ConfigError(f'{source}: "model_max_length" must be a positive number, got {model_max_length!r}')
+        if model_max_length is not None and model_max_length > NO_LENGTH_LIMIT:
+            model_max_length = None  # the "no limit" placeholder (1e30) stored in published configs
         return cls(
             backend,
             special,
             add_bos_token=add_bos,
             add_eos_token=add_eos,
-            padding_side=padding_side,
+            padding_side=sides["padding_side"],
             source=str(directory),
+            truncation_side=sides["truncation_side"],
+            model_max_length=None if model_max_length is None else int(model_max_length),
         )
 
     # ---- encoding -------------------------------------------------------------------------------------------
@@ -174,12 +193,36 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return self._with_special(ids) if add_special_tokens else ids
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True, max_length: int | None = None
+    ) -> list[list[int]]:
+        """Token ids of each string; with `max_length`, each is cut to that many tokens (special ones included)."""
+        return [ids for ids, _ in self.encode_batch_with_offsets(texts, add_special_tokens, max_length)]
+
+    def encode_batch_with_offsets(
+        self, texts: Sequence[str], add_special_tokens: bool = True, max_length: int | None = None
+    ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character [start, end) of each token in its string) per string; added BOS / EOS get (0, 0).
+
+        With `max_length`, the text's tokens are cut on `truncation_side` so that, with BOS / EOS, at most
+        `max_length` remain (as transformers' tokenizers truncate).
+        """
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"text[{i}] must be a string, got {type(t).__name__}")
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        return [self._with_special(e.ids) if add_special_tokens else e.ids for e in encodings]
+        n_special = (int(self.add_bos_token) + int(self.add_eos_token)) if add_special_tokens else 0
+        out = []
+        for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False):
+            ids, offsets = list(encoding.ids), list(encoding.offsets)
+            if max_length is not None and len(ids) + n_special > max_length:
+                keep = max(max_length - n_special, 0)
+                cut = slice(0, keep) if self.truncation_side == "right" else slice(len(ids) - keep, len(ids))
+                ids, offsets = ids[cut], offsets[cut]
+            if add_special_tokens:
+                ids = self._with_special(ids)
+                offsets = [(0, 0)] * int(self.add_bos_token) + offsets + [(0, 0)] * int(self.add_eos_token)
+            out.append((ids, offsets))
+        return out
 
     def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, list]:
         """Unpadded ids and masks, for one string or a list of strings."""
