@@ -216,8 +216,13 @@ class Gemma3n(nn.Module):
         cache: KVCache | None = None,
         start: int | torch.Tensor = 0,
         logits_to_keep: int | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Logits for a batch of prompts (images / audio written at their placeholder tokens)."""
+        """Logits for a batch of prompts (images / audio written at their placeholder tokens).
+
+        ``token_type_ids`` (what the processor returns) are accepted so ``model(**inputs)`` works, and unused, as in
+        the reference: the placeholder tokens already say where images and audio go.
+        """
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)

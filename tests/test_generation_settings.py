@@ -92,7 +92,7 @@ def test_pipeline_rows_get_the_same_message(model):
         pipe(chat, temperature=math.nan, do_sample=True)
 
 
-def test_generate_accepts_the_processors_token_type_ids(model):
+def test_generate_and_forward_accept_the_processors_token_type_ids(model):
     inputs = model.processor.apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=True
     )
@@ -102,3 +102,7 @@ def test_generate_accepts_the_processors_token_type_ids(model):
     assert torch.equal(sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     pieces = list(generation.stream_generate(model, **inputs, max_new_tokens=2))
     assert "".join(pieces) == model.processor.decode(sequences[0, inputs["input_ids"].shape[1] :], True)
+    # the forward pass takes the processor's whole output too, with the same logits as without the token types
+    logits = model(**inputs).logits
+    without = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
+    assert torch.equal(logits, without)
