@@ -4,8 +4,10 @@
 - ``int4``: asymmetric, one scale and zero per ``group_size`` inputs of each output channel, in the layout of
   ``torch._weight_int4pack_mm_for_cpu``: ``w ~ (q - 8) * scale + zero`` with ``q`` in [0, 15].
 
-Both use torch's own CPU kernels: torchao's CPU paths call the same int4 kernel (and its eager int8 weight-only path
-converts the whole weight to the activation dtype on every call), see benchmarks/results/quant_kernels_cpu2.md.
+Both use torch's own CPU kernels for a few rows (decoding); from ``DEQUANTIZE_FROM_ROWS`` rows (prefill) the weight is
+dequantized to the activation dtype for one float matmul, which keeps prefill at the float speed. Why torch's kernels
+rather than torchao: torchao's CPU int4 path calls the same kernel, and its eager int8 weight-only path converts the
+whole weight to the activation dtype on every call (benchmarks/results/quant_kernels_cpu2.md).
 
 Quantization reads each weight from the checkpoint's memory map in row chunks (a few MB of float32 at a time) and
 then drops the mapped pages of that weight from this process (``madvise(MADV_DONTNEED)``), so the bf16 decoder is
@@ -20,32 +22,38 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 QUANTIZE_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP_SIZE = 64
 _CHUNK_ELEMENTS = 1 << 18  # float32 values quantized at once (1 MB: the passes over a chunk stay in cache)
-_INT4_ROW_MULTIPLE = 16  # torch's CPU int4 packing needs out_features divisible by 16
+_INT4_ROW_MULTIPLE = 64  # int4 rows are padded to whole 64-row blocks of torch's CPU packing
+# From this many rows (prefill) a layer dequantizes its weight and runs the float matmul (oneDNN, AMX): the
+# weight-only kernels are built for a few rows and were 3-6x slower than bf16 at 128-512 rows on this machine type.
+DEQUANTIZE_FROM_ROWS = 32
 
 
 def _chunk_rows(cols: int) -> int:
-    """Rows per quantization chunk: about ``_CHUNK_ELEMENTS`` values, a multiple of 64 (int4 packs 16-row blocks)."""
+    """Rows per quantization chunk: about ``_CHUNK_ELEMENTS`` values, a multiple of 64 (int4 packs 64-row blocks)."""
     return max(64, _CHUNK_ELEMENTS // max(cols, 1) // 64 * 64)
 
 
 def _pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
-    """torch's CPU int4 layout for values 0..15 [n, in] uint8 -> [n, in / 2] uint8, as
+    """torch's CPU int4 layout for values 0..15 [n, in] uint8 (n a multiple of 64) -> [n, in / 2] uint8, as
     ``torch._convert_weight_to_int4pack_for_cpu`` writes it (checked in the tests), vectorised: in each block of 64
     rows, byte (k, j) holds row j's value at input k (low nibble) and row j + 32's (high nibble)."""
     n, in_f = q.shape
-    full = n // 64 * 64
-    packed = torch.empty(n, in_f // 2, dtype=torch.uint8)
-    blocks = q[:full].view(-1, 2, 32, in_f)  # [n / 64, half, 32, in]
-    packed[:full] = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(full, in_f // 2)
-    if full < n:  # a last block of 16, 32 or 48 rows: torch's own packing
-        packed[full:] = torch._convert_weight_to_int4pack_for_cpu(q[full:].to(torch.int32), 1)
-    return packed
+    blocks = q.view(n // 64, 2, 32, in_f)  # [n / 64, half, 32, in]
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(n, in_f // 2)
+
+
+def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_int4_rows`: [n, in / 2] uint8 -> values 0..15 [n, in] uint8."""
+    n, half = packed.shape
+    blocks = packed.view(n // 64, 2 * half, 32)  # [n / 64, in, 32]
+    return torch.stack([blocks & 15, blocks >> 4], dim=1).transpose(2, 3).reshape(n, 2 * half)
 
 
 class Int8Linear(nn.Module):
@@ -75,12 +83,14 @@ class Int8Linear(nn.Module):
             scales[start : start + w.shape[0]] = scale
         return cls(qweight, scales)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight the kernel effectively multiplies by, in float32 [out, in]."""
-        return self.qweight.float() * self.scales.float()[:, None]
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the kernel effectively multiplies by [out, in]."""
+        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [n, in]
+        if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
+            return F.linear(x, self.dequantized(x.dtype))
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)  # [n, out]
         return out.view(*x.shape[:-1], self.out_features)
@@ -95,11 +105,11 @@ class Int4Linear(nn.Module):
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int):
         super().__init__()
-        self.out_features = out_features  # packed rows are padded to a multiple of 16 (zero rows)
+        self.out_features = out_features  # packed rows are padded to a multiple of 64 (zero rows)
         self.in_features = scales_and_zeros.shape[0] * group_size
         self.group_size = group_size
-        self.register_buffer("packed", packed)  # [ceil16(out), in / 2] uint8
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in / group, ceil16(out), 2]
+        self.register_buffer("packed", packed)  # [ceil64(out), in / 2] uint8
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in / group, ceil64(out), 2]
 
     @classmethod
     def from_weight(
@@ -121,7 +131,7 @@ class Int4Linear(nn.Module):
         for start in range(0, rows, step):
             w = weight[start : start + step].to(torch.float32, copy=True)
             n = min(step, rows - start)
-            if w.shape[0] < n:  # the zero rows padding the last chunk to a multiple of 16
+            if w.shape[0] < n:  # the zero rows padding the last chunk to a multiple of 64
                 w = torch.cat([w, w.new_zeros(n - w.shape[0], in_f)])
             w = w.view(n, groups, group_size)
             lo, hi = torch.aminmax(w, dim=-1)  # [n, groups]
@@ -136,16 +146,22 @@ class Int4Linear(nn.Module):
             scales_and_zeros[:, start : start + n] = torch.stack([scale, zero], dim=-1).transpose(0, 1)
         return cls(packed, scales_and_zeros, group_size, out_f)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight the kernel effectively multiplies by, in float32 [out, in] (via the kernel on the identity)."""
-        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
-        return self(eye).float().T.contiguous()
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``(q - 8) * scale + zero`` [out, in] (the kernel computes it in its activation dtype)."""
+        n = self.packed.shape[0]
+        groups = self.in_features // self.group_size
+        q = _unpack_int4_rows(self.packed).view(n, groups, self.group_size).to(dtype)
+        scale, zero = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # [n, groups] each
+        weight = (q - 8).mul_(scale[..., None]).add_(zero[..., None]).view(n, self.in_features)
+        return weight[: self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [n, in]
+        if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
+            return F.linear(x, self.dequantized(x.dtype))
         sz = self.scales_and_zeros
         sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
-        out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, self.group_size, sz)  # [n, out16]
+        out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, self.group_size, sz)  # [n, out64]
         if out.shape[1] != self.out_features:
             out = out[:, : self.out_features]
         return out.view(*x.shape[:-1], self.out_features)

@@ -50,19 +50,16 @@ def test_int8_error_at_most_half_a_step_and_forward_uses_it(dtype):
     step = layer.scales.float()[:, None]
     assert ((effective - w.float()).abs() <= step / 2 * (1 + 1e-5)).all()
     assert torch.equal(effective[0], torch.zeros(96))  # an all-zero row stays zero
-    x = torch.randn(2, 3, 96).to(dtype)
-    want = x.double() @ effective.double().T
-    tol = FP32_TOL if dtype == torch.float32 else 2**-7  # bf16 output rounding plus bf16 accumulation steps
-    assert layer(x).shape == (2, 3, 40) and rel_err(layer(x), want) <= tol
+    _check_both_paths(layer, 96, 40, effective, dtype)
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_int4_error_at_most_half_a_group_step_and_forward_uses_it(dtype, group_size):
-    out_f, in_f = 40, 128  # 40 rows: padded to 48 for the kernel, sliced back
+    out_f, in_f = 40, 128  # 40 rows: padded to 64 for the kernel, sliced back
     w = _weight(out_f, in_f).to(dtype)
     layer = Int4Linear.from_weight(w, group_size=group_size)
-    effective = layer.dequantized()  # [out, in], through the kernel
+    effective = layer.dequantized()  # [out, in] float32
     scale, zero = layer.scales_and_zeros.float()[:, :out_f].unbind(-1)  # [groups, out] each
     scale = scale.T.repeat_interleave(group_size, dim=1)
     zero = zero.T.repeat_interleave(group_size, dim=1)
@@ -71,16 +68,24 @@ def test_int4_error_at_most_half_a_group_step_and_forward_uses_it(dtype, group_s
     assert ((effective - w.float()).abs() <= bound + 1e-12).all()
     assert torch.equal(effective[0], torch.zeros(in_f))
     assert torch.allclose(effective[1], w[1].float(), rtol=2 * u * 9)  # a constant group is kept
-    x = torch.randn(2, 3, in_f).to(dtype)
-    want = x.double() @ effective.double().T
-    tol = FP32_TOL if dtype == torch.float32 else 2**-7
-    assert layer(x).shape == (2, 3, out_f) and rel_err(layer(x), want) <= tol
+    _check_both_paths(layer, in_f, out_f, effective, dtype)
 
 
-@pytest.mark.parametrize("rows", [64, 240, 16, 80])
+def _check_both_paths(layer: nn.Module, in_f: int, out_f: int, effective: torch.Tensor, dtype: torch.dtype) -> None:
+    """The kernel (few rows) and the dequantize-then-matmul path (prefill) both multiply by ``effective``."""
+    tol = FP32_TOL if dtype == torch.float32 else 2**-7  # bf16: output rounding plus bf16 accumulation steps
+    for rows in (quant.DEQUANTIZE_FROM_ROWS - 1, quant.DEQUANTIZE_FROM_ROWS):
+        x = torch.randn(1, rows, in_f).to(dtype)
+        got = layer(x)
+        assert got.shape == (1, rows, out_f) and rel_err(got, x.double() @ effective.double().T) <= tol
+
+
+@pytest.mark.parametrize("rows", [64, 192])
 def test_int4_packing_is_torch_layout(rows):
     q = torch.randint(0, 16, (rows, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
-    assert torch.equal(quant._pack_int4_rows(q), torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+    packed = quant._pack_int4_rows(q)
+    assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+    assert torch.equal(quant._unpack_int4_rows(packed), q)
 
 
 def test_int4_rejects_a_width_not_divisible_by_the_group():
