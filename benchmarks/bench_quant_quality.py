@@ -1,14 +1,15 @@
 """Quantized E2B against fp32: logit error, cosine, greedy top-1 agreement; load + quantize time and peak RSS.
 
-    flock /tmp/gemma3n-heavy.lock python benchmarks/bench_quant_quality.py --model /work/cache/e2b \
+    python benchmarks/bench_quant_quality.py --model /work/cache/e2b --lock /tmp/gemma3n-heavy.lock \
         --out benchmarks/results/quant_quality_e2b.json
 
 Each configuration runs in its own fresh process (so its peak RSS, VmHWM from /proc/self/status, is its own):
 ``fp32`` (the text decoder's weights cast to float32, the embedding tables left as bf16 row gathers and the LM head
 computed in float32 chunk by chunk), ``bf16``, ``int8`` and ``int4`` at each ``--int4-groups`` size. The quantized and
 bf16 models load the whole multimodal checkpoint (towers included) with ``gemma3n.load(path, quantize=...)``; after
-the text forward pass one random image and one 30 s random clip go through the vision and audio towers, so the last
-peak RSS is that of the whole model in use. Inputs: 2 rows of ``--length`` tokens (row 1 left-padded by a quarter),
+the text forward pass (for ``--towers-for``) one random image and one 30 s random clip go through the vision and
+audio towers, so the last peak RSS is that of the whole model in use. ``--lock`` holds a file lock per process.
+Inputs: 2 rows of ``--length`` tokens (row 1 left-padded by a quarter),
 longer than E2B's sliding window (512); logits of the last ``--keep`` positions of each row are compared.
 """
 
@@ -91,7 +92,7 @@ def child(args: argparse.Namespace) -> None:
         record["after_forward_kb"] = memory_kb()
         torch.save(logits.float(), args.logits)
         del logits
-        if args.child != "fp32":
+        if args.towers:
             start = time.perf_counter()
             pixels = torch.rand(1, 3, 768, 768, generator=torch.Generator().manual_seed(1))
             model.vision_tower(pixels.to(model.dtype))
@@ -118,9 +119,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=Path("/work/cache/e2b"))
     parser.add_argument("--configs", nargs="+", default=["fp32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128"])
-    parser.add_argument("--length", type=int, default=600)
-    parser.add_argument("--keep", type=int, default=160)
+    parser.add_argument("--length", type=int, default=544)
+    parser.add_argument("--keep", type=int, default=136)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--towers-for", nargs="*", default=["int8", "int4-g64"], help="configs that also run the towers"
+    )
+    parser.add_argument("--lock", default=None, help="flock this file around each configuration's process")
+    parser.add_argument("--towers", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_quality_e2b.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--logits", type=Path, default=None, help=argparse.SUPPRESS)
@@ -134,6 +140,8 @@ def main() -> None:
             logits = Path(tmp) / f"{config}.pt"
             cmd = [sys.executable, __file__, "--child", config, "--logits", str(logits), "--model", str(args.model)]
             cmd += ["--length", str(args.length), "--keep", str(args.keep), "--threads", str(args.threads)]
+            cmd += ["--towers"] if config in args.towers_for else []
+            cmd = ["flock", args.lock, *cmd] if args.lock else cmd
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -180,8 +188,8 @@ def main() -> None:
         lines.append(f"| {config} | {r['load_s']:.1f} | {quality} | {' / '.join(f'{p:.2f}' for p in peaks)} |")
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(
-        "# Weight-only quantization of E2B: quality, load time, memory\n\nCommand: `flock /tmp/gemma3n-heavy.lock "
-        "python benchmarks/bench_quant_quality.py --model /work/cache/e2b`\n\n" + table + "\n"
+        "# Weight-only quantization of E2B: quality, load time, memory\n\nCommand: `python "
+        "benchmarks/bench_quant_quality.py --model /work/cache/e2b --lock /tmp/gemma3n-heavy.lock`\n\n" + table + "\n"
     )
     print(table)
 

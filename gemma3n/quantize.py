@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -33,6 +34,7 @@ _INT4_ROW_MULTIPLE = 64  # int4 rows are padded to whole 64-row blocks of torch'
 # From this many rows (prefill) a layer dequantizes its weight and runs the float matmul (oneDNN, AMX): the
 # weight-only kernels are built for a few rows and were 3-6x slower than bf16 at 128-512 rows on this machine type.
 DEQUANTIZE_FROM_ROWS = 32
+_DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24  # weights dequantized at once on that path (32 MB in bf16)
 
 
 def _chunk_rows(cols: int) -> int:
@@ -54,6 +56,18 @@ def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     n, half = packed.shape
     blocks = packed.view(n // 64, 2 * half, 32)  # [n / 64, in, 32]
     return torch.stack([blocks & 15, blocks >> 4], dim=1).transpose(2, 3).reshape(n, 2 * half)
+
+
+def _dequantized_linear(
+    x: torch.Tensor, rows_of_weight: Callable[..., torch.Tensor], out_features: int, in_features: int
+) -> torch.Tensor:
+    """``x @ W^T`` [.., out] through float matmuls, dequantizing ``W`` a block of output rows at a time (``rows_of_
+    weight(dtype, start, stop)``), so a big weight (the LM head) is never materialised whole in float."""
+    block = max(64, _DEQUANTIZE_BLOCK_ELEMENTS // in_features // 64 * 64)
+    if out_features <= block:
+        return F.linear(x, rows_of_weight(x.dtype, 0, out_features))
+    parts = [F.linear(x, rows_of_weight(x.dtype, i, i + block)) for i in range(0, out_features, block)]
+    return torch.cat(parts, dim=-1)
 
 
 class Int8Linear(nn.Module):
@@ -83,14 +97,15 @@ class Int8Linear(nn.Module):
             scales[start : start + w.shape[0]] = scale
         return cls(qweight, scales)
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the kernel effectively multiplies by [out, in]."""
-        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+    def dequantized(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The weight the kernel effectively multiplies by, output rows ``start:stop`` [rows, in]."""
+        rows = slice(start, stop)
+        return (self.qweight[rows].float() * self.scales[rows].float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
-            return F.linear(x, self.dequantized(x.dtype))
+            return _dequantized_linear(x, self.dequantized, self.out_features, self.in_features)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)  # [n, out]
         return out.view(*x.shape[:-1], self.out_features)
@@ -146,19 +161,20 @@ class Int4Linear(nn.Module):
             scales_and_zeros[:, start : start + n] = torch.stack([scale, zero], dim=-1).transpose(0, 1)
         return cls(packed, scales_and_zeros, group_size, out_f)
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight ``(q - 8) * scale + zero`` [out, in] (the kernel computes it in its activation dtype)."""
-        n = self.packed.shape[0]
+    def dequantized(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The weight ``(q - 8) * scale + zero``, output rows ``start:stop`` (``start`` a multiple of 64) [rows, in]."""
+        stop = self.out_features if stop is None else min(stop, self.out_features)
+        end = -(-stop // 64) * 64  # whole packed blocks
         groups = self.in_features // self.group_size
-        q = _unpack_int4_rows(self.packed).view(n, groups, self.group_size).to(dtype)
-        scale, zero = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # [n, groups] each
-        weight = (q - 8).mul_(scale[..., None]).add_(zero[..., None]).view(n, self.in_features)
-        return weight[: self.out_features]
+        q = _unpack_int4_rows(self.packed[start:end]).view(end - start, groups, self.group_size).to(dtype)
+        scale, zero = self.scales_and_zeros[:, start:end].to(dtype).transpose(0, 1).unbind(-1)  # [rows, groups]
+        weight = (q - 8).mul_(scale[..., None]).add_(zero[..., None]).view(end - start, self.in_features)
+        return weight[: stop - start]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
-            return F.linear(x, self.dequantized(x.dtype))
+            return _dequantized_linear(x, self.dequantized, self.out_features, self.in_features)
         sz = self.scales_and_zeros
         sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
         out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, self.group_size, sz)  # [n, out64]

@@ -88,6 +88,17 @@ def test_int4_packing_is_torch_layout(rows):
     assert torch.equal(quant._unpack_int4_rows(packed), q)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prefill_path_dequantizes_block_by_block(mode, monkeypatch):
+    w = _weight(300, 64)  # 300 rows: 5 blocks of 64 (the last one partial)
+    layer = Int8Linear.from_weight(w) if mode == "int8" else Int4Linear.from_weight(w, group_size=32)
+    x = torch.randn(quant.DEQUANTIZE_FROM_ROWS, 64)
+    whole = layer(x)
+    monkeypatch.setattr(quant, "_DEQUANTIZE_BLOCK_ELEMENTS", 64 * 64)
+    assert torch.equal(layer(x), whole)
+    assert rel_err(whole, x.double() @ layer.dequantized().double().T) <= FP32_TOL
+
+
 def test_int4_rejects_a_width_not_divisible_by_the_group():
     with pytest.raises(ValueError, match="group_size=64"):
         Int4Linear.from_weight(torch.randn(16, 96), group_size=64)
@@ -148,8 +159,8 @@ def test_quantized_model_is_the_float_model_with_dequantized_weights(tiny_checkp
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_generate_with_quantize_matches_teacher_forcing_and_compile(tiny_checkpoint, mode):
-    """Greedy decoding of a left-padded batch with a quantized model (eager and compiled steps) picks, at every
-    step, the argmax of one full forward pass over the generated sequence."""
+    """Greedy decoding of a left-padded batch with a quantized model picks, at every step that is not a near-tie, the
+    argmax of one full forward pass over the generated sequence; the compiled decode step gives the same tokens."""
     model = gemma3n.load(tiny_checkpoint, dtype=torch.float32, quantize=mode)
     ids, mask = _left_padded_batch()
     settings = dict(max_new_tokens=8, do_sample=False, eos_token_id=[-1], pad_token_id=0)
@@ -162,8 +173,9 @@ def test_generate_with_quantize_matches_teacher_forcing_and_compile(tiny_checkpo
     assert decided.float().mean() > 0.5
     picked = logits[:, ids.shape[1] - 1 : -1].argmax(-1)
     assert torch.equal(eager[:, ids.shape[1] :][decided], picked[decided])
-    compiled = model.generate(ids, attention_mask=mask, compile=True, **settings)
-    assert torch.equal(compiled, eager)
+    if mode == "int4":  # one compiled run (inductor on the int4 kernel's op; the int8 op is traced the same way)
+        compiled = model.generate(ids, attention_mask=mask, compile=True, **settings)
+        assert torch.equal(compiled, eager)
 
 
 def test_quantize_arguments_are_checked(tiny_checkpoint):
