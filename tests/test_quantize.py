@@ -188,6 +188,20 @@ def test_quantize_arguments_are_checked(tiny_checkpoint):
         gemma3n.pipeline("text-generation", model=model, quantize="int8")
 
 
+def test_load_and_pipeline_quantize_only_the_text_decoder():
+    from gemma3n.pipelines import resolve_checkpoint
+
+    model = gemma3n.load(resolve_checkpoint("tiny-random"), quantize="int4")
+    quantized = (Int4Linear, Int8Linear)
+    assert isinstance(model.language_model.lm_head, Int4Linear)
+    assert any(isinstance(m, quantized) for m in model.language_model.layers.modules())
+    for tower in (model.vision_tower, model.audio_tower, model.embed_vision, model.embed_audio):
+        assert not any(isinstance(m, quantized) for m in tower.modules())
+    pipe = gemma3n.pipeline("text-generation", model="tiny-random", device="cpu", quantize="int8", max_new_tokens=3)
+    assert isinstance(pipe.model.language_model.lm_head, Int8Linear)
+    assert isinstance(pipe("Hello")[0]["generated_text"], str)
+
+
 def test_cli_passes_quantize_to_load(monkeypatch):
     from gemma3n import cli
 
