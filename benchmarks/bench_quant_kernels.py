@@ -199,7 +199,8 @@ def write_table(result: dict, path: Path) -> None:
     table = "\n".join(lines)
     path.write_text(
         "# Weight-only quantized matmul kernels, CPU\n\nCommand: `flock /tmp/gemma3n-heavy.lock python "
-        "benchmarks/bench_quant_kernels.py --threads 2` (torchao rows when torchao is importable)\n\n" + table + "\n"
+        f"benchmarks/bench_quant_kernels.py --threads {result['threads']}` (torchao rows when torchao is importable)"
+        "\n\n" + table + "\n"
     )
     print(table)
 
