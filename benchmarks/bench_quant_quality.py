@@ -173,7 +173,7 @@ def main() -> None:
         f"of a {args.length}-token prompt",
         "",
         "| config | load (+ quantize) s | rel. logit error vs fp32 | cosine mean (min) | top-1 agreement | "
-        "peak RSS after load / text forward / + image and audio towers, GB |",
+        "peak RSS (VmHWM) after load / text forward / + image and audio towers, GiB |",
         "|---|---|---|---|---|---|",
     ]
     for config, r in results.items():
