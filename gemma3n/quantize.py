@@ -287,7 +287,7 @@ def quantize_checkpoint(
         return name, quantized
 
     # One tensor per worker thread, each op single-threaded: no OpenMP barriers per small op, which on a busy
-    # machine made the threaded ops 5-10x slower than one thread (see the report of issue 12).
+    # machine made 2-thread ops 4-9x slower than 1 thread (an 8192x2048 int4 weight: 2.4 s vs 0.30 s).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
