@@ -224,7 +224,13 @@ def load_pipeline(task: str, args: argparse.Namespace, *, text_only: bool = Fals
     except ModelNotFoundError as err:
         raise CliError(str(err)) from None
     try:
-        model = load(path, device=args.device or default_device(), dtype=args.dtype, text_only=text_only)
+        model = load(
+            path,
+            device=args.device or default_device(),
+            dtype=args.dtype,
+            text_only=text_only,
+            quantize=getattr(args, "quantize", None),
+        )
     except Exception as err:  # config, weights, device or dtype problems: all reported in one line
         raise CliError(f"cannot load model {args.model!r}: {_one_line(err)}") from None
     return TASKS[task](model, batch_size=getattr(args, "batch_size", 1), progress=False)
@@ -565,6 +571,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         help="limit on generated tokens (default: the checkpoint's generation_config.json, else 256)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="weight-only quantized text decoder and LM head, CPU (default: none, the checkpoint's precision)",
     )
 
 

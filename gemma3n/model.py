@@ -90,6 +90,7 @@ class Gemma3n(nn.Module):
         dtype: torch.dtype | str | None = None,
         text_only: bool = False,
         ple_device: torch.device | str | None = None,
+        quantize: str | None = None,
     ) -> Gemma3n:
         """Load a checkpoint in the published Hugging Face layout: a directory, "tiny-random" or a hub id.
 
@@ -97,6 +98,8 @@ class Gemma3n(nn.Module):
         default: the checkpoint's own dtype), so weights are never held twice. ``text_only`` skips the towers.
         ``ple_device="cpu"`` keeps the per-layer embedding table (2B parameters for E2B) in host memory (pinned when
         the model is on CUDA); each step gathers only the rows of its tokens and copies them to the model's device.
+        ``quantize="int8" | "int4"`` (CPU) makes the text decoder's linear layers and the LM head weight-only int8 /
+        int4, quantized tensor by tensor from the memory-mapped checkpoint; see :mod:`gemma3n.quantize`.
         """
         path = resolve_model_name(path)  # a directory, "tiny-random" or a hub id
         device = resolve_device(device)
@@ -108,6 +111,10 @@ class Gemma3n(nn.Module):
         with torch.device("meta"):
             model = cls(config, text_only=text_only)
         renamed, ignore = _published_to_module_names(tensors, model, text_only_layout=config.text_only_layout)
+        if quantize is not None:
+            from .quantize import quantize_checkpoint
+
+            renamed = quantize_checkpoint(model, renamed, quantize, dtype=dtype, device=device)
         overrides = {}
         if ple_device is not None:
             overrides["language_model.embed_tokens_per_layer.weight"] = ple_device
@@ -297,10 +304,13 @@ def load(
     dtype: torch.dtype | str | None = None,
     text_only: bool = False,
     ple_device: torch.device | str | None = None,
+    quantize: str | None = None,
 ) -> Gemma3n:
     """Load a Gemma 3n checkpoint (a directory in the published Hugging Face layout, "tiny-random" or a hub id)
     onto ``device`` in ``dtype``.
 
-    See :meth:`Gemma3n.from_pretrained` for ``text_only`` and ``ple_device``.
+    See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device`` and ``quantize`` ("int8", "int4", None).
     """
-    return Gemma3n.from_pretrained(path, device=device, dtype=dtype, text_only=text_only, ple_device=ple_device)
+    return Gemma3n.from_pretrained(
+        path, device=device, dtype=dtype, text_only=text_only, ple_device=ple_device, quantize=quantize
+    )

@@ -44,6 +44,7 @@ def pipeline(
     batch_size: int = 1,
     processor: Any = None,
     progress: bool | None = None,
+    quantize: str | None = None,
     **defaults: Any,
 ) -> Pipeline:
     """A ready-to-call pipeline for ``task``.
@@ -52,6 +53,8 @@ def pipeline(
         :class:`gemma3n.Gemma3n` (moved to ``device`` / ``dtype`` when those are given).
     device: default CUDA when available, else CPU. dtype: default the checkpoint's own (bfloat16 as published).
     batch_size: prompts generated together in one left-padded batch.
+    quantize: "int8" or "int4" loads the text decoder with weight-only quantized linear layers (CPU; a checkpoint
+        path or hub id only, not an already loaded model).
     defaults: generation settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``stop_strings``, ``seed``, ``generate_kwargs={...}``) and task settings (``return_full_text``, ``prompt``,
         ``instruction``, ...) used by every call unless the call overrides them.
@@ -67,8 +70,16 @@ def pipeline(
     if isinstance(model, (str, Path)):
         from ..model import load  # resolves the name (gemma3n.model_names), as every entry point does
 
-        model = load(model, device=device or default_device(), dtype=dtype, text_only=name == "text-generation")
+        model = load(
+            model,
+            device=device or default_device(),
+            dtype=dtype,
+            text_only=name == "text-generation",
+            quantize=quantize,
+        )
     elif isinstance(model, torch.nn.Module):
+        if quantize is not None:
+            raise ValueError("quantize= applies when loading; pass a checkpoint path, or load(path, quantize=...)")
         if device is not None or dtype is not None:
             from ..model import resolve_device, resolve_dtype
 

@@ -41,6 +41,8 @@ class TextModel(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(L))
         self.norm = RMSNorm(H, eps=config.rms_norm_eps)
+        # optional separate LM head (e.g. a quantized copy of the tied table, see gemma3n.quantize); None: tied weight
+        self.lm_head: nn.Module | None = None
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -108,6 +110,10 @@ class TextModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head with final soft-capping. [B, T, H] -> [B, T, vocab]"""
+        if self.lm_head is not None:  # a separate head (e.g. the quantized copy from gemma3n.quantize)
+            logits = self.lm_head(hidden)
+            cap = self.config.final_logit_softcapping
+            return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
         weight = self.embed_tokens.weight.to(hidden.device)  # [vocab, H]
         if hidden.device.type == "cpu":
             # CPU BLAS runs F.linear's shape (few rows against the 262k-row table) as a slow matrix-vector product;

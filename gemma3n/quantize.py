@@ -1,0 +1,304 @@
+"""Weight-only int8 / int4 linear layers for the text decoder on CPU, built tensor by tensor at load.
+
+- ``int8``: symmetric, one scale per output channel; ``torch._weight_int8pack_mm`` (bf16/fp16/fp32 activations).
+- ``int4``: asymmetric, one scale and zero per ``group_size`` inputs of each output channel, in the layout of
+  ``torch._weight_int4pack_mm_for_cpu``: ``w ~ (q - 8) * scale + zero`` with ``q`` in [0, 15].
+
+Both use torch's own CPU kernels for a few rows (decoding); from ``DEQUANTIZE_FROM_ROWS`` rows (prefill) the weight is
+dequantized to the activation dtype for one float matmul, which keeps prefill at the float speed. Why torch's kernels
+rather than torchao: torchao's CPU int4 path calls the same kernel, and its eager int8 weight-only path converts the
+whole weight to the activation dtype on every call (benchmarks/results/quant_kernels_cpu2.md).
+
+Quantization reads each weight from the checkpoint's memory map in row chunks (a few MB of float32 at a time) and
+then drops the mapped pages of that weight from this process (``madvise(MADV_DONTNEED)``), so the bf16 decoder is
+never resident as a whole: peak memory stays near the size of the quantized weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+QUANTIZE_MODES = ("int8", "int4")
+DEFAULT_INT4_GROUP_SIZE = 64
+_CHUNK_ELEMENTS = 1 << 18  # float32 values quantized at once (1 MB: the passes over a chunk stay in cache)
+_INT4_ROW_MULTIPLE = 64  # int4 rows are padded to whole 64-row blocks of torch's CPU packing
+# From this many rows (prefill) a layer dequantizes its weight and runs the float matmul (oneDNN, AMX): the
+# weight-only kernels are built for a few rows and were 3-6x slower than bf16 at 128-512 rows on this machine type.
+DEQUANTIZE_FROM_ROWS = 32
+_DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24  # weights dequantized at once on that path (32 MB in bf16)
+
+
+def _chunk_rows(cols: int) -> int:
+    """Rows per quantization chunk: about ``_CHUNK_ELEMENTS`` values, a multiple of 64 (int4 packs 64-row blocks)."""
+    return max(64, _CHUNK_ELEMENTS // max(cols, 1) // 64 * 64)
+
+
+def _pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 layout for values 0..15 [n, in] uint8 (n a multiple of 64) -> [n, in / 2] uint8, as
+    ``torch._convert_weight_to_int4pack_for_cpu`` writes it (checked in the tests), vectorised: in each block of 64
+    rows, byte (k, j) holds row j's value at input k (low nibble) and row j + 32's (high nibble)."""
+    n, in_f = q.shape
+    blocks = q.view(n // 64, 2, 32, in_f)  # [n / 64, half, 32, in]
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(n, in_f // 2)
+
+
+def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_int4_rows`: [n, in / 2] uint8 -> values 0..15 [n, in] uint8."""
+    n, half = packed.shape
+    blocks = packed.view(n // 64, 2 * half, 32)  # [n / 64, in, 32]
+    return torch.stack([blocks & 15, blocks >> 4], dim=1).transpose(2, 3).reshape(n, 2 * half)
+
+
+def _dequantized_linear(
+    x: torch.Tensor, rows_of_weight: Callable[..., torch.Tensor], out_features: int, in_features: int
+) -> torch.Tensor:
+    """``x @ W^T`` [.., out] through float matmuls, dequantizing ``W`` a block of output rows at a time (``rows_of_
+    weight(dtype, start, stop)``), so a big weight (the LM head) is never materialised whole in float."""
+    block = max(64, _DEQUANTIZE_BLOCK_ELEMENTS // in_features // 64 * 64)
+    if out_features <= block:
+        return F.linear(x, rows_of_weight(x.dtype, 0, out_features))
+    parts = [F.linear(x, rows_of_weight(x.dtype, i, i + block)) for i in range(0, out_features, block)]
+    return torch.cat(parts, dim=-1)
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale)^T`` with ``q`` int8 [out, in] and one ``scale`` per output channel [out]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)  # [out, in] int8
+        self.register_buffer("scales", scales)  # [out], the activation dtype
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Linear:
+        """Quantize a float weight [out, in] (row chunk by row chunk); scales are kept in ``dtype``."""
+        dtype = dtype or weight.dtype
+        out_f, in_f = weight.shape
+        qweight = torch.empty(out_f, in_f, dtype=torch.int8)
+        scales = torch.empty(out_f, dtype=dtype)
+        step = _chunk_rows(in_f)
+        for start in range(0, out_f, step):
+            w = weight[start : start + step].to(torch.float32, copy=True)  # [rows, in]
+            lo, hi = torch.aminmax(w, dim=1)
+            # the rounded scale is the one the kernel uses, so quantize against it: error <= scale / 2 per weight
+            scale = (torch.maximum(hi, -lo) / 127).to(dtype)
+            inverse = torch.where(scale > 0, 1 / scale.float(), 0.0)
+            qweight[start : start + w.shape[0]] = w.mul_(inverse[:, None]).round_().clamp_(-127, 127)
+            scales[start : start + w.shape[0]] = scale
+        return cls(qweight, scales)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The weight the kernel effectively multiplies by, output rows ``start:stop`` [rows, in]."""
+        rows = slice(start, stop)
+        return (self.qweight[rows].float() * self.scales[rows].float()[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # [n, in]
+        if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
+            return _dequantized_linear(x, self.dequantized, self.out_features, self.in_features)
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)  # [n, out]
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(nn.Module):
+    """Group-wise int4 weight in torch's CPU packing: two 4-bit values per byte [out, in / 2], plus
+    ``scales_and_zeros`` [in / group_size, out, 2] in the activation dtype."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int):
+        super().__init__()
+        self.out_features = out_features  # packed rows are padded to a multiple of 64 (zero rows)
+        self.in_features = scales_and_zeros.shape[0] * group_size
+        self.group_size = group_size
+        self.register_buffer("packed", packed)  # [ceil64(out), in / 2] uint8
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in / group, ceil64(out), 2]
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, group_size: int = DEFAULT_INT4_GROUP_SIZE, dtype: torch.dtype | None = None
+    ) -> Int4Linear:
+        """Quantize a float weight [out, in] with min/max per group of ``group_size`` inputs (row chunk by chunk)."""
+        dtype = dtype or weight.dtype
+        out_f, in_f = weight.shape
+        if in_f % group_size:
+            raise ValueError(
+                f"int4 needs in_features divisible by group_size={group_size}; got a weight of shape "
+                f"{tuple(weight.shape)}"
+            )
+        rows = -(-out_f // _INT4_ROW_MULTIPLE) * _INT4_ROW_MULTIPLE
+        groups = in_f // group_size
+        packed = torch.empty(rows, in_f // 2, dtype=torch.uint8)
+        scales_and_zeros = torch.empty(groups, rows, 2, dtype=dtype)
+        step = _chunk_rows(in_f)
+        for start in range(0, rows, step):
+            w = weight[start : start + step].to(torch.float32, copy=True)
+            n = min(step, rows - start)
+            if w.shape[0] < n:  # the zero rows padding the last chunk to a multiple of 64
+                w = torch.cat([w, w.new_zeros(n - w.shape[0], in_f)])
+            w = w.view(n, groups, group_size)
+            lo, hi = torch.aminmax(w, dim=-1)  # [n, groups]
+            # a constant group keeps its value exactly: q = 0 with scale |lo| and zero lo + 8 |lo|
+            scale = torch.where(hi > lo, (hi - lo) / 15, lo.abs()).clamp_min(torch.finfo(dtype).tiny).to(dtype)
+            zero = (lo + 8 * scale.float()).to(dtype)
+            # q = (w - zero) / scale + 8 against the rounded scale and zero the kernel will use: error <= scale / 2
+            inverse = 1 / scale.float()
+            offset = 8 - zero.float() * inverse
+            q = torch.addcmul(offset[..., None], w, inverse[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+            packed[start : start + n] = _pack_int4_rows(q.view(n, in_f))
+            scales_and_zeros[:, start : start + n] = torch.stack([scale, zero], dim=-1).transpose(0, 1)
+        return cls(packed, scales_and_zeros, group_size, out_f)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The weight ``(q - 8) * scale + zero``, output rows ``start:stop`` (``start`` a multiple of 64) [rows, in]."""
+        stop = self.out_features if stop is None else min(stop, self.out_features)
+        end = -(-stop // 64) * 64  # whole packed blocks
+        groups = self.in_features // self.group_size
+        q = _unpack_int4_rows(self.packed[start:end]).view(end - start, groups, self.group_size).to(dtype)
+        scale, zero = self.scales_and_zeros[:, start:end].to(dtype).transpose(0, 1).unbind(-1)  # [rows, groups]
+        weight = (q - 8).mul_(scale[..., None]).add_(zero[..., None]).view(end - start, self.in_features)
+        return weight[: stop - start]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # [n, in]
+        if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
+            return _dequantized_linear(x, self.dequantized, self.out_features, self.in_features)
+        sz = self.scales_and_zeros
+        sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
+        out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, self.group_size, sz)  # [n, out64]
+        if out.shape[1] != self.out_features:
+            out = out[:, : self.out_features]
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+
+
+def quantize_weight(
+    weight: torch.Tensor, mode: str, *, dtype: torch.dtype, group_size: int = DEFAULT_INT4_GROUP_SIZE
+) -> nn.Module:
+    """An :class:`Int8Linear` or :class:`Int4Linear` for a float weight [out, in]."""
+    if mode == "int8":
+        return Int8Linear.from_weight(weight, dtype)
+    if mode == "int4":
+        return Int4Linear.from_weight(weight, group_size, dtype)
+    raise ValueError(f"unknown quantize={mode!r}; use one of {', '.join(QUANTIZE_MODES)} or None")
+
+
+def is_quantizable(linear: nn.Linear, mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> bool:
+    """Whether a bias-free linear layer gets quantized: at least 16 inputs and outputs (the AltUp router and
+    coefficient layers, a few thousand weights, stay exact), and for int4 inputs divisible by ``group_size``."""
+    if linear.bias is not None or linear.in_features < 16 or linear.out_features < 16:
+        return False
+    if mode == "int4":
+        return linear.in_features % group_size == 0
+    return True
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's file-backed memory mappings (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # inode and a path: a file
+            begin, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((begin, end))
+    return ranges
+
+
+def release_mapped_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]] | None = None) -> bool:
+    """Drop a memory-mapped checkpoint tensor's pages from this process's resident memory; True if done.
+
+    Only a tensor lying inside a file mapping is touched (``mappings``, default: read now): its unmodified pages are
+    re-read from the file on the next access, so the data stays valid. Anonymous memory is never released.
+    """
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    page = mmap.PAGESIZE
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    if not any(lo <= begin and end <= hi for lo, hi in (_file_mappings() if mappings is None else mappings)):
+        return False
+    first, last = -(-begin // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(mmap.MADV_DONTNEED))
+    return True
+
+
+def quantize_checkpoint(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    mode: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    prefix: str = "language_model.",
+    group_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Quantize the text decoder of a model built on the meta device, straight from the checkpoint's tensors.
+
+    Each eligible ``nn.Linear`` under ``prefix`` is replaced by its quantized module, built from the memory-mapped
+    checkpoint weight (whose pages are then released), and the LM head gets its own quantized copy of the tied token
+    embedding (``TextModel.lm_head``); the embedding tables themselves stay row gathers from the file. Returns the
+    tensors to attach: ``tensors`` without the consumed weights, plus the quantized modules' buffers.
+    ``group_size`` (int4) defaults to ``DEFAULT_INT4_GROUP_SIZE``.
+    """
+    group_size = group_size or DEFAULT_INT4_GROUP_SIZE
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize={mode!r}; use one of {', '.join(QUANTIZE_MODES)} or None")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"quantize={mode!r} runs on the CPU only (torch's int8/int4 CPU kernels); got device={device}")
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"quantize={mode!r} needs a float activation dtype, got {dtype}")
+    text_model = model.get_submodule(prefix.rstrip("."))
+    remaining = dict(tensors)
+    jobs = {  # module name in the text model -> source weight [out, in]
+        name: remaining.pop(f"{prefix}{name}.weight")
+        for name, module in text_model.named_modules()
+        if isinstance(module, nn.Linear)
+        and is_quantizable(module, mode, group_size)
+        and f"{prefix}{name}.weight" in remaining  # else attach_weights reports it missing
+    }
+    if f"{prefix}embed_tokens.weight" in remaining:
+        jobs["lm_head"] = remaining[f"{prefix}embed_tokens.weight"]  # the tied table stays for the row gathers
+    mappings = _file_mappings()
+
+    def run(name: str) -> tuple[str, nn.Module]:
+        quantized = quantize_weight(jobs[name], mode, dtype=dtype, group_size=group_size)
+        release_mapped_pages(jobs[name], mappings)
+        return name, quantized
+
+    # One tensor per worker thread, each op single-threaded: no OpenMP barriers per small op, which on a busy
+    # machine made 2-thread ops 4-9x slower than 1 thread (an 8192x2048 int4 weight: 2.4 s vs 0.30 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            done = pool.map(run, sorted(jobs, key=lambda n: -jobs[n].numel()))  # biggest first: balanced workers
+            for name, quantized in tqdm(done, total=len(jobs), desc=f"quantizing to {mode}", disable=None):
+                if name == "lm_head":
+                    text_model.lm_head = quantized
+                else:
+                    text_model.set_submodule(name, quantized)
+                remaining.update({f"{prefix}{name}.{k}": v for k, v in quantized.state_dict().items()})
+    finally:
+        torch.set_num_threads(threads)
+    return remaining
