@@ -258,13 +258,16 @@ def main() -> None:
             res.update(part=part, dtype=dtype)
             results.append(res)
             print(markdown([res]), file=sys.stderr, flush=True)
-    out = Path(args.out)
+            write_results(Path(args.out), results)  # after every child: a partial run still leaves its figures
+    print(markdown(results))
+
+
+def write_results(out: Path, results: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join([Path(sys.executable).name, *sys.argv])
     info = {"command": command, "torch": torch.__version__, "cpus": os.cpu_count()}
     out.with_suffix(".json").write_text(json.dumps({"info": info, "results": results}, indent=2))
-    out.with_suffix(".md").write_text(f"`{info['command']}` (torch {torch.__version__})\n\n" + markdown(results))
-    print(markdown(results))
+    out.with_suffix(".md").write_text(f"`{command}` (torch {torch.__version__})\n\n" + markdown(results))
 
 
 if __name__ == "__main__":
