@@ -69,13 +69,28 @@ class ChannelsLastRmsNorm2d(nn.Module):
         return self.act(self.drop(x))
 
 
+def _has_onednn_conv() -> bool:
+    """Whether this torch build has oneDNN and the packed-weight convolution ops (private ops of torch's CPU compiler
+    backend, present since torch 2.0; checked so that a build without them falls back to ``F.conv2d``)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_convolution_weight", "_convolution_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_HAS_ONEDNN_CONV = _has_onednn_conv()
+
+
 class PrepackedConv2d(nn.Module):
     """An ``nn.Conv2d`` (or timm's dynamic-"same"-padding ``Conv2dSame``) whose CPU weight is reordered for oneDNN once.
 
     Plain ``F.conv2d`` on CPU reorders the weight into oneDNN's blocked layout on every call (for MobileNet v5 in bf16
     that reorder is a large part of the tower's time). Here the reordered copy is made on the first CPU call and kept
     until the weight changes; the result is the same oneDNN convolution. Off CPU, or without oneDNN, it is
-    ``F.conv2d``. ``weight`` / ``bias`` stay the original Parameters, so state-dict names do not change.
+    ``F.conv2d``. ``weight`` / ``bias`` stay the original Parameters, so state-dict names do not change; the packed
+    copy costs as much memory again as the convolution weights (E2B vision tower: ~0.6 GB in bf16).
     """
 
     def __init__(self, conv: nn.Conv2d):
@@ -108,7 +123,7 @@ class PrepackedConv2d(nn.Module):
             x.device.type == "cpu"
             and x.dtype == self.weight.dtype
             and x.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
+            and _HAS_ONEDNN_CONV
             and not (torch.is_grad_enabled() and self.weight.requires_grad)
         )
         if not usable:
