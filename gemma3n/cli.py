@@ -383,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None)
     generate.set_defaults(func=cmd_generate)
+
+    from .matformer_cli import add_slice_command
+
+    add_slice_command(commands)
     return parser
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .checkpoint import attach_weights, checkpoint_dtype, read_checkpoint_tensors
 from .config import Gemma3nConfig
+from .matformer import MatformerSpec, slice_checkpoint
 from .text_model import KVCache, TextModel
 
 _DTYPES = {
@@ -75,6 +76,7 @@ class Gemma3n(nn.Module):
         dtype: torch.dtype | str | None = None,
         text_only: bool = False,
         ple_device: torch.device | str | None = None,
+        matformer: MatformerSpec | dict[str, Any] | str | None = None,
     ) -> Gemma3n:
         """Load a checkpoint directory in the published Hugging Face layout.
 
@@ -82,10 +84,14 @@ class Gemma3n(nn.Module):
         default: the checkpoint's own dtype), so weights are never held twice. ``text_only`` skips the towers.
         ``ple_device="cpu"`` keeps the per-layer embedding table (2B parameters for E2B) in host memory (pinned when
         the model is on CUDA); each step gathers only the rows of its tokens and copies them to the model's device.
+        ``matformer`` (a preset name or ``{"ffn_dims": ..., "skip_layers": [...]}``) loads a MatFormer slice of the
+        checkpoint, reading only the kept rows and columns; see :mod:`gemma3n.matformer`.
         """
         path = Path(path)
         config = Gemma3nConfig.from_pretrained(path)
         tensors = read_checkpoint_tensors(path)
+        if matformer is not None:
+            config, tensors = slice_checkpoint(config, tensors, matformer)
         dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors.values())
         with torch.device("meta"):
             model = cls(config, text_only=text_only)
@@ -274,9 +280,12 @@ def load(
     dtype: torch.dtype | str | None = None,
     text_only: bool = False,
     ple_device: torch.device | str | None = None,
+    matformer: MatformerSpec | dict[str, Any] | str | None = None,
 ) -> Gemma3n:
     """Load a Gemma 3n checkpoint directory (published Hugging Face layout) onto ``device`` in ``dtype``.
 
-    See :meth:`Gemma3n.from_pretrained` for ``text_only`` and ``ple_device``.
+    See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device`` and ``matformer``.
     """
-    return Gemma3n.from_pretrained(path, device=device, dtype=dtype, text_only=text_only, ple_device=ple_device)
+    return Gemma3n.from_pretrained(
+        path, device=device, dtype=dtype, text_only=text_only, ple_device=ple_device, matformer=matformer
+    )
