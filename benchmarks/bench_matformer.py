@@ -62,7 +62,9 @@ def worker(args) -> dict:
     text = model.config.text
     ids = torch.randint(3, text.vocab_size_per_layer_input, (1, args.prompt_tokens), generator=torch.Generator())
     timer = TokenTimer("cpu")
+    disk_before = _storage_read_bytes()
     model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=[-1], streamer=timer)
+    disk_read = _storage_read_bytes() - disk_before
     steps = timer.step_seconds()
     return {
         "preset": args.preset,
@@ -74,7 +76,16 @@ def worker(args) -> dict:
         "step_s": steps,
         "median_step_s": statistics.median(steps),
         "loadavg_1m": os.getloadavg()[0],
+        "storage_read_bytes_during_generate": disk_read,
     }
+
+
+def _storage_read_bytes() -> int:
+    """Bytes this process has read from storage so far (page-cache misses of the memory-mapped weights count)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
 
 
 def copy_bandwidth_gbs(threads: int, repeat: int = 5) -> float:
@@ -91,11 +102,13 @@ def copy_bandwidth_gbs(threads: int, repeat: int = 5) -> float:
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
-def run(args) -> dict:
+def run(args, save) -> dict:
+    """Time every preset over the rounds; ``save(results)`` is called after each run (partial results survive)."""
     names = args.presets or list(PRESETS)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     with maybe_locked(args.lock):
         copy_before = copy_bandwidth_gbs(args.threads)
+    copies = [copy_before]
     for r in range(args.rounds):
         for name in names:
             cmd = [sys.executable, __file__, "--worker", "--preset", name, "--checkpoint", args.checkpoint]
@@ -108,17 +121,21 @@ def run(args) -> dict:
                 continue  # one failing preset does not stop the others
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs[name].append(result)
+            save(summarize(args, runs, copies, complete=False))
             print(
                 f"round {r + 1}/{args.rounds} {name:14s} {1 / result['median_step_s']:6.3f} tok/s "
                 f"(load {result['load_s']:.1f} s, load avg {result['loadavg_1m']:.2f})",
                 flush=True,
             )
     with maybe_locked(args.lock):
-        copy_after = copy_bandwidth_gbs(args.threads)
-    copy_gbs = statistics.median([copy_before, copy_after])
+        copies.append(copy_bandwidth_gbs(args.threads))
+    return summarize(args, runs, copies, complete=True)
 
+
+def summarize(args, runs: dict[str, list[dict]], copies: list[float], *, complete: bool) -> dict:
+    copy_gbs = statistics.median(copies)
     rows = []
-    for name in names:
+    for name in runs:
         if not runs[name]:
             continue
         first = runs[name][0]
@@ -137,6 +154,7 @@ def run(args) -> dict:
                 "weight_GBps": gbs,
                 "fraction_of_copy_bandwidth": gbs / copy_gbs,
                 "loadavg_1m": [r["loadavg_1m"] for r in runs[name]],
+                "storage_read_GB": [r["storage_read_bytes_during_generate"] / 1e9 for r in runs[name]],
                 "runs": runs[name],
             }
         )
@@ -149,8 +167,9 @@ def run(args) -> dict:
         "new_tokens": args.new_tokens,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "complete": complete,
         "copy_bandwidth_GBps": copy_gbs,
-        "copy_bandwidth_runs_GBps": [copy_before, copy_after],
+        "copy_bandwidth_runs_GBps": copies,
         "quantized": "not measured: gemma3n.load(..., quantize=...) does not exist in this tree",
         "rows": rows,
     }
@@ -162,11 +181,12 @@ def markdown(results: dict) -> str:
         f"{results['dtype']}, CPU, {results['threads']} threads, torch {results['torch']}; "
         f"{results['rounds']} interleaved rounds, prompt {results['prompt_tokens']}, "
         f"{results['new_tokens']} new tokens per run; copy bandwidth {results['copy_bandwidth_GBps']:.1f} GB/s "
-        f"(read + write). Quantized: {results['quantized']}.",
+        f"(read + write). Quantized: {results['quantized']}."
+        + ("" if results["complete"] else " PARTIAL: the run was still going or was stopped."),
         "",
         "| preset | layers | params/token (B) | text params (B) | bytes/token (GB) | decode tok/s (median, range) "
-        "| weight GB/s | of copy bw | load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| weight GB/s | of copy bw | load avg | read from disk (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         low, high = row["decode_tok_s_range"]
@@ -175,7 +195,8 @@ def markdown(results: dict) -> str:
             f"| {row['preset']} | {row['layers']} | {row['effective_params'] / 1e9:.3f} | "
             f"{row['text_params'] / 1e9:.3f} | {row['bytes_per_token'] / 1e9:.2f} | "
             f"{row['decode_tok_s_median']:.3f} ({low:.3f}-{high:.3f}) | {row['weight_GBps']:.2f} | "
-            f"{row['fraction_of_copy_bandwidth']:.0%} | {loads} |"
+            f"{row['fraction_of_copy_bandwidth']:.0%} | {loads} | "
+            f"{max(row['storage_read_GB']):.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -199,13 +220,16 @@ def main() -> None:
         return
     if not (Path(args.checkpoint) / "config.json").is_file():
         parser.error(f"no checkpoint at {args.checkpoint} (build one: benchmarks/published_checkpoint.py --preset e4b)")
-    results = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+
+    def save(results: dict) -> None:
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(results))
+
+    results = run(args, save)
+    save(results)
+    print(markdown(results))
 
 
 if __name__ == "__main__":
