@@ -132,23 +132,38 @@ def run(args, save) -> dict:
     return summarize(args, runs, copies, complete=True)
 
 
+def static_figures(name: str, checkpoint: str, dtype: str) -> dict:
+    """Layers, parameters and bytes per decoded token of a preset, from the sliced config on the meta device."""
+    from gemma3n.config import Gemma3nConfig
+    from gemma3n.matformer import effective_parameters, plan_slice, sliced_config
+    from gemma3n.text_model import TextModel
+
+    config = Gemma3nConfig.from_pretrained(checkpoint)
+    text = sliced_config(config, plan_slice(config.text, name)).text
+    with torch.device("meta"):
+        lm = TextModel(text)
+    params = sum(p.numel() for p in lm.parameters())
+    table = lm.embed_tokens_per_layer.weight.numel()
+    element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return {
+        "layers": text.num_hidden_layers,
+        "effective_params": effective_parameters(text),
+        "text_params": params,
+        "bytes_per_token": (params - table) * element,  # as weight_bytes_per_token counts a loaded model
+    }
+
+
 def summarize(args, runs: dict[str, list[dict]], copies: list[float], *, complete: bool) -> dict:
     copy_gbs = statistics.median(copies)
     rows = []
     for name in runs:
-        if not runs[name]:
-            continue
-        first = runs[name][0]
-        tok_s = [1 / r["median_step_s"] for r in runs[name]]
-        median_tok_s = statistics.median(tok_s)
-        gbs = first["bytes_per_token"] * median_tok_s / 1e9
-        rows.append(
-            {
-                "preset": name,
-                "layers": first["layers"],
-                "effective_params": first["effective_params"],
-                "text_params": first["text_params"],
-                "bytes_per_token": first["bytes_per_token"],
+        row = {"preset": name, **static_figures(name, args.checkpoint, args.dtype)}
+        if runs[name]:
+            assert runs[name][0]["bytes_per_token"] == row["bytes_per_token"], name
+            tok_s = [1 / r["median_step_s"] for r in runs[name]]
+            median_tok_s = statistics.median(tok_s)
+            gbs = row["bytes_per_token"] * median_tok_s / 1e9
+            row |= {
                 "decode_tok_s_median": median_tok_s,
                 "decode_tok_s_range": [min(tok_s), max(tok_s)],
                 "weight_GBps": gbs,
@@ -157,7 +172,7 @@ def summarize(args, runs: dict[str, list[dict]], copies: list[float], *, complet
                 "storage_read_GB": [r["storage_read_bytes_during_generate"] / 1e9 for r in runs[name]],
                 "runs": runs[name],
             }
-        )
+        rows.append(row)
     return {
         "checkpoint": args.checkpoint,
         "dtype": args.dtype,
@@ -189,6 +204,12 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
+        if "runs" not in row:
+            lines.append(
+                f"| {row['preset']} | {row['layers']} | {row['effective_params'] / 1e9:.3f} | "
+                f"{row['text_params'] / 1e9:.3f} | {row['bytes_per_token'] / 1e9:.2f} | not timed | | | | |"
+            )
+            continue
         low, high = row["decode_tok_s_range"]
         loads = "-".join(f"{x:.1f}" for x in (min(row["loadavg_1m"]), max(row["loadavg_1m"])))
         lines.append(
