@@ -67,6 +67,7 @@ def worker(args) -> dict:
     disk_read = _storage_read_bytes() - disk_before
     steps = timer.step_seconds()
     return {
+        "copy_bandwidth_GBps": copy_bandwidth_gbs(args.threads),
         "preset": args.preset,
         "layers": text.num_hidden_layers,
         "effective_params": effective_parameters(text),
@@ -106,9 +107,7 @@ def run(args, save) -> dict:
     """Time every preset over the rounds; ``save(results)`` is called after each run (partial results survive)."""
     names = args.presets or list(PRESETS)
     runs: dict[str, list[dict]] = {name: [] for name in names}
-    with maybe_locked(args.lock):
-        copy_before = copy_bandwidth_gbs(args.threads)
-    copies = [copy_before]
+    copies: list[float] = []  # measured by each run, right after its decode, under the same lock hold
     for r in range(args.rounds):
         for name in names:
             cmd = [sys.executable, __file__, "--worker", "--preset", name, "--checkpoint", args.checkpoint]
@@ -121,14 +120,13 @@ def run(args, save) -> dict:
                 continue  # one failing preset does not stop the others
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs[name].append(result)
+            copies.append(result["copy_bandwidth_GBps"])
             save(summarize(args, runs, copies, complete=False))
             print(
                 f"round {r + 1}/{args.rounds} {name:14s} {1 / result['median_step_s']:6.3f} tok/s "
                 f"(load {result['load_s']:.1f} s, load avg {result['loadavg_1m']:.2f})",
                 flush=True,
             )
-    with maybe_locked(args.lock):
-        copies.append(copy_bandwidth_gbs(args.threads))
     return summarize(args, runs, copies, complete=True)
 
 
@@ -154,7 +152,7 @@ def static_figures(name: str, checkpoint: str, dtype: str) -> dict:
 
 
 def summarize(args, runs: dict[str, list[dict]], copies: list[float], *, complete: bool) -> dict:
-    copy_gbs = statistics.median(copies)
+    copy_gbs = statistics.median(copies) if copies else float("nan")
     rows = []
     for name in runs:
         row = {"preset": name, **static_figures(name, args.checkpoint, args.dtype)}
@@ -167,7 +165,8 @@ def summarize(args, runs: dict[str, list[dict]], copies: list[float], *, complet
                 "decode_tok_s_median": median_tok_s,
                 "decode_tok_s_range": [min(tok_s), max(tok_s)],
                 "weight_GBps": gbs,
-                "fraction_of_copy_bandwidth": gbs / copy_gbs,
+                "copy_bandwidth_GBps": statistics.median(r["copy_bandwidth_GBps"] for r in runs[name]),
+                "fraction_of_copy_bandwidth": gbs / statistics.median(r["copy_bandwidth_GBps"] for r in runs[name]),
                 "loadavg_1m": [r["loadavg_1m"] for r in runs[name]],
                 "storage_read_GB": [r["storage_read_bytes_during_generate"] / 1e9 for r in runs[name]],
                 "runs": runs[name],
@@ -200,7 +199,7 @@ def markdown(results: dict) -> str:
         + ("" if results["complete"] else " PARTIAL: the run was still going or was stopped."),
         "",
         "| preset | layers | params/token (B) | text params (B) | bytes/token (GB) | decode tok/s (median, range) "
-        "| weight GB/s | of copy bw | load avg | read from disk (GB) |",
+        "| weight GB/s | of copy bw (same run) | load avg | read from disk (GB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
