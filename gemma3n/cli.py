@@ -677,6 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption_parser(commands)
     add_transcribe_parser(commands)
     add_generate_parser(commands)
+
+    from .matformer_cli import add_slice_command
+
+    add_slice_command(commands)
     return parser
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .checkpoint import attach_weights, checkpoint_dtype, read_checkpoint_tensors
 from .config import Gemma3nConfig
+from .matformer import MatformerSpec, slice_checkpoint
 from .model_names import resolve_model_name
 from .text_model import KVCache, TextModel
 
@@ -91,6 +92,7 @@ class Gemma3n(nn.Module):
         text_only: bool = False,
         ple_device: torch.device | str | None = None,
         quantize: str | None = None,
+        matformer: MatformerSpec | dict[str, Any] | str | None = None,
     ) -> Gemma3n:
         """Load a checkpoint in the published Hugging Face layout: a directory, "tiny-random" or a hub id.
 
@@ -100,6 +102,8 @@ class Gemma3n(nn.Module):
         the model is on CUDA); each step gathers only the rows of its tokens and copies them to the model's device.
         ``quantize="int8" | "int4"`` (CPU) makes the text decoder's linear layers and the LM head weight-only int8 /
         int4, quantized tensor by tensor from the memory-mapped checkpoint; see :mod:`gemma3n.quantize`.
+        ``matformer`` (a preset name or ``{"ffn_dims": ..., "skip_layers": [...]}``) loads a MatFormer slice of the
+        checkpoint, reading only the kept rows and columns; see :mod:`gemma3n.matformer`.
         """
         path = resolve_model_name(path)  # a directory, "tiny-random" or a hub id
         device = resolve_device(device)
@@ -107,6 +111,8 @@ class Gemma3n(nn.Module):
             ple_device = resolve_device(ple_device, "ple_device")
         config = Gemma3nConfig.from_pretrained(path)
         tensors = read_checkpoint_tensors(path)
+        if matformer is not None:
+            config, tensors = slice_checkpoint(config, tensors, matformer)
         dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors.values())
         with torch.device("meta"):
             model = cls(config, text_only=text_only)
@@ -305,12 +311,20 @@ def load(
     text_only: bool = False,
     ple_device: torch.device | str | None = None,
     quantize: str | None = None,
+    matformer: MatformerSpec | dict[str, Any] | str | None = None,
 ) -> Gemma3n:
     """Load a Gemma 3n checkpoint (a directory in the published Hugging Face layout, "tiny-random" or a hub id)
     onto ``device`` in ``dtype``.
 
-    See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device`` and ``quantize`` ("int8", "int4", None).
+    See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device``, ``quantize`` ("int8", "int4", None) and
+    ``matformer``.
     """
     return Gemma3n.from_pretrained(
-        path, device=device, dtype=dtype, text_only=text_only, ple_device=ple_device, quantize=quantize
+        path,
+        device=device,
+        dtype=dtype,
+        text_only=text_only,
+        ple_device=ple_device,
+        quantize=quantize,
+        matformer=matformer,
     )
