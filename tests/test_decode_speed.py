@@ -112,3 +112,26 @@ def test_compiled_decoding_equals_eager_in_fp32_across_buckets(tmp_path, monkeyp
     eager = model.generate(ids, attention_mask=mask, **settings)
     compiled = model.generate(ids, attention_mask=mask, compile=True, **settings)
     assert torch.equal(compiled, eager), f"\neager    {eager[:, 9:]}\ncompiled {compiled[:, 9:]}"
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (2, 1, 96), (4, 96), (3, 5, 96)], ids=["1", "2", "4", "15-rows"])
+def test_few_row_bf16_linear_equals_the_float32_product(shape):
+    """The decoder's Linear (weight-major product for few bf16 rows on a CPU, F.linear otherwise) gives the float32
+    product of the same bf16 values rounded once to bf16, element by element: within a bf16 rounding (2^-8 relative,
+    8 significant bits) plus a float32 accumulation-order bound (products of bf16 values are exact in float32; each of
+    the K additions rounds by at most 2^-24 of the running sum of magnitudes), on any kernel path."""
+
+    from gemma3n.text_model.linear import Linear
+
+    gen = torch.Generator().manual_seed(0)
+    layer = Linear(96, 200, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(200, 96, generator=gen))
+    x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = layer(x)
+    want = x.float() @ layer.weight.float().T
+    assert got.shape == (*shape[:-1], 200) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    accumulation = 96 * 2**-24 * (x.float().abs() @ layer.weight.float().abs().T)
+    bound = 2**-8 * (want.abs() + accumulation) + accumulation
+    assert ((got.float() - want).abs() <= bound).all()
