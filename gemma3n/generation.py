@@ -162,11 +162,14 @@ def compiled_decode_step(model: Any) -> Callable[..., torch.Tensor]:
     """:func:`decode_step` through ``torch.compile`` (one per model, reused across calls).
 
     Fuses the small per-layer ops of a step (about 1.3-1.5x on CPU for a small model; needs a C++ compiler there).
-    The first call with a new batch size or cache length compiles, which takes from seconds to a minute or more.
+    The first call with a new batch size, cache length or attention bucket compiles (seconds to minutes; inductor
+    caches the result on disk for later processes). Fused kernels would keep float32 intermediates where eager
+    rounds every op to bf16, which flips greedy near-ties (random-weight models have many); ``emulate_precision_casts``
+    rounds as eager does, so bf16 compiled decoding follows eager's tokens (fp32: the same tokens).
     """
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
-        step = torch.compile(decode_step, dynamic=False)
+        step = torch.compile(decode_step, dynamic=False, options={"emulate_precision_casts": True})
         model._compiled_decode_step = step
     return step
 
