@@ -163,9 +163,10 @@ def compiled_decode_step(model: Any) -> Callable[..., torch.Tensor]:
 
     Fuses the small per-layer ops of a step (about 1.3-1.5x on CPU for a small model; needs a C++ compiler there).
     The first call with a new batch size, cache length or attention bucket compiles (seconds to minutes; inductor
-    caches the result on disk for later processes). Fused kernels would keep float32 intermediates where eager
-    rounds every op to bf16, which flips greedy near-ties (random-weight models have many); ``emulate_precision_casts``
-    rounds as eager does, so bf16 compiled decoding follows eager's tokens (fp32: the same tokens).
+    caches the result on disk for later processes). fp32: the same tokens as eager steps. bf16: fused kernels would
+    keep float32 intermediates where eager rounds every op to bf16; ``emulate_precision_casts`` rounds as eager does
+    (identical logits over the first steps in ``benchmarks/compiled_vs_eager_bf16.py``), and the differences left
+    (a few hundredths on logits of magnitude ~30) can still flip greedy near-ties, which random weights have many of.
     """
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
