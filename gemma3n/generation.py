@@ -176,15 +176,30 @@ def decode_step(
 _COMPILED_CACHE_MULTIPLE = 256  # compiled decoding rounds the cache length up: fewer shapes, fewer recompiles
 
 
+def cache_length_for(model: Any, prompt_length: int, max_new_tokens: int, compile: bool) -> int:
+    """KV-cache positions to allocate: what generation can fill (prompt + new tokens), never past the context.
+
+    Compiled decoding rounds up to a multiple of 256 (fewer distinct buffer shapes, fewer recompiles), still capped.
+    """
+    needed = prompt_length + max_new_tokens
+    if compile:
+        needed = -(-needed // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
+    return max(prompt_length, min(needed, model.config.text.max_position_embeddings))
+
+
 def compiled_decode_step(model: Any) -> Callable[..., torch.Tensor]:
     """:func:`decode_step` through ``torch.compile`` (one per model, reused across calls).
 
     Fuses the small per-layer ops of a step (about 1.3-1.5x on CPU for a small model; needs a C++ compiler there).
-    The first call with a new batch size or cache length compiles, which takes from seconds to a minute or more.
+    The first call with a new batch size, cache length or attention bucket compiles (seconds to minutes; inductor
+    caches the result on disk for later processes). fp32: the same tokens as eager steps. bf16: fused kernels would
+    keep float32 intermediates where eager rounds every op to bf16; ``emulate_precision_casts`` rounds as eager does
+    (identical logits over the first steps in ``benchmarks/compiled_vs_eager_bf16.py``), and the differences left
+    (a few hundredths on logits of magnitude ~30) can still flip greedy near-ties, which random weights have many of.
     """
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
-        step = torch.compile(decode_step, dynamic=False)
+        step = torch.compile(decode_step, dynamic=False, options={"emulate_precision_casts": True})
         model._compiled_decode_step = step
     return step
 
@@ -362,9 +377,8 @@ def _generate_iter(
         generator.manual_seed(seed if seed is not None else torch.seed())
 
     positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # rope positions skip left padding
-    cache_length, step_fn = T + config.max_new_tokens, decode_step
+    cache_length, step_fn = cache_length_for(model, T, config.max_new_tokens, compile), decode_step
     if compile:
-        cache_length = -(-cache_length // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
         step_fn = compiled_decode_step(model)
     cache = KVCache(model.config.text, B, cache_length, dtype=model.dtype, device=device)
     modal = dict(pixel_values=pixel_values, input_features=input_features, input_features_mask=input_features_mask)
@@ -403,6 +417,7 @@ def _generate_iter(
         yield None
         if bool(finished.all()) or step == config.max_new_tokens - 1:
             break
+        cache.prepare_decode(T + step)  # attend over a bucket covering the filled prefix, not the whole buffer
         with torch.inference_mode():
             logits = step_fn(model, token[:, None], next_pos, cache, torch.tensor(T + step, device=device))
         next_pos = next_pos + 1

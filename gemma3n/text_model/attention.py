@@ -9,6 +9,7 @@ from torch import nn
 from ..config import TextConfig
 from ..modules import RMSNorm
 from .kv_cache import AttentionContext
+from .linear import Linear
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -41,14 +42,14 @@ class Attention(nn.Module):
         self.kv_source = config.kv_source_layer(layer_idx)
         self.kv_shared = self.kv_source != layer_idx
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         if not self.kv_shared:  # shared layers read another layer's keys/values and own no projections
-            self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-            self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+            self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+            self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.v_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, with_scale=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(
         self,

@@ -9,7 +9,10 @@ Layout (gpt-fast style, allocated once):
 
 A step processes the ``T`` tokens at absolute positions ``[start, start + T)``. Three shapes of step:
   * ``prefill`` (cache empty, start == 0): attend over the fresh keys; the cache is written as a side effect;
-  * ``decode`` (T == 1): write first, then attend over the whole buffer under a mask (static shapes: graph friendly);
+  * ``decode`` (T == 1): write first, then attend under a mask over the ring and over ``cache.visible`` full-attention
+    positions: a bucket (power of two, at least 256) covering the written prefix, set by ``prepare_decode``. Shapes
+    are static per bucket (graph friendly, one compile per bucket), and the work follows the filled prefix, not the
+    allocated length;
   * ``extend`` (T > 1 on a non-empty cache): attend over cached + fresh keys.
 """
 
@@ -18,6 +21,19 @@ from __future__ import annotations
 import torch
 
 from ..config import TextConfig
+
+DECODE_BUCKET = 256  # smallest number of full-attention key positions a decode step attends over
+
+
+def decode_bucket(filled: int, max_len: int) -> int:
+    """Key positions to attend over when ``filled`` are written: the next power of two >= 256, at most ``max_len``.
+
+    Attends over at most twice the filled prefix, with few distinct lengths (log2 of the context): few recompiles.
+    """
+    length = DECODE_BUCKET
+    while length < filled:
+        length *= 2
+    return min(length, max_len)
 
 
 class KVCache:
@@ -45,6 +61,17 @@ class KVCache:
             self.values[layer] = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # tokens written so far (host-side bookkeeping for eager steps)
+        self.visible = max_len  # full-attention positions decode steps attend over; see prepare_decode
+
+    def prepare_decode(self, position: int) -> None:
+        """Size the next decode steps' attention for writing absolute ``position`` (a host int; no device sync).
+
+        Later decode steps attend over :func:`decode_bucket` positions, which hold every position up to ``position``;
+        call again before a step whose position lies beyond. Without a call steps attend over the whole buffer.
+        """
+        if not 0 <= position < self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; decode step writes position {position}")
+        self.visible = decode_bucket(position + 1, self.max_len)
 
     @property
     def device(self) -> torch.device:
@@ -116,15 +143,18 @@ class AttentionContext:
         device = cache.device
         if num_tokens == 1 and not (isinstance(start, int) and start == 0):
             self.mode = "decode"
-            # start may be a 0-d device tensor (graph capture): no host sync below.
+            if isinstance(start, int):
+                cache.prepare_decode(start)
+            # start may be a 0-d device tensor (graph capture): no host sync below; prepare_decode sized the step.
             self.position = torch.as_tensor(start, device=device).reshape(1)
             cache.key_valid.index_fill_(1, self.position, True)
-            full_pos = torch.arange(cache.max_len, device=device)
+            self.visible = cache.visible
+            full_pos = torch.arange(self.visible, device=device)
             ring_pos = cache.ring_positions(self.position[0])
             ring_valid = cache.key_valid[:, ring_pos.clamp(min=0)]
             self.ring_slot = torch.remainder(self.position, cache.window)
             self.masks = {
-                "full_attention": build_mask(self.position, full_pos, cache.key_valid, None),
+                "full_attention": build_mask(self.position, full_pos, cache.key_valid[:, : self.visible], None),
                 "sliding_attention": build_mask(self.position, ring_pos, ring_valid, window),
             }
             if isinstance(start, int):
@@ -172,7 +202,9 @@ class AttentionContext:
             index = self.ring_slot if sliding else self.position
             ck.index_copy_(2, index, k)
             cv.index_copy_(2, index, v)
-            return ck, cv
+            if sliding:
+                return ck, cv
+            return ck[:, :, : self.visible], cv[:, :, : self.visible]
         if not sliding:
             ck[:, :, self.start : self.end] = k
             cv[:, :, self.start : self.end] = v

@@ -12,6 +12,7 @@ from ..config import TextConfig
 from ..modules import RMSNorm
 from .attention import Attention
 from .kv_cache import AttentionContext
+from .linear import Linear
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +38,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, sparsity: float):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
         self.sparsity = sparsity
         # z-score of the target quantile: a gate value must exceed mean + z * std to survive
         self.z = 0.0
@@ -61,8 +62,8 @@ class Laurel(nn.Module):
 
     def __init__(self, hidden: int, rank: int, eps: float):
         super().__init__()
-        self.linear_left = nn.Linear(hidden, rank, bias=False)
-        self.linear_right = nn.Linear(rank, hidden, bias=False)
+        self.linear_left = Linear(hidden, rank, bias=False)
+        self.linear_right = Linear(rank, hidden, bias=False)
         self.post_laurel_norm = RMSNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +125,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(hidden, eps=eps)
         self.altup = AltUp(config)
         self.laurel = Laurel(hidden, config.laurel_rank, eps)
-        self.per_layer_input_gate = nn.Linear(hidden, config.hidden_size_per_layer_input, bias=False)
-        self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
+        self.per_layer_input_gate = Linear(hidden, config.hidden_size_per_layer_input, bias=False)
+        self.per_layer_projection = Linear(config.hidden_size_per_layer_input, hidden, bias=False)
         self.post_per_layer_input_norm = RMSNorm(hidden, eps=eps)
 
     def forward(

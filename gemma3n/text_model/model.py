@@ -13,6 +13,7 @@ from ..modules import RMSNorm, checkpoint_embedding
 from .attention import rope_cos_sin
 from .kv_cache import AttentionContext, KVCache
 from .layers import DecoderLayer, in_dtype
+from .linear import Linear
 
 
 def match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -33,11 +34,11 @@ class TextModel(nn.Module):
         L, P, H = config.num_hidden_layers, config.hidden_size_per_layer_input, config.hidden_size
         self.embed_tokens = checkpoint_embedding(config.vocab_size, H)
         self.embed_tokens_per_layer = checkpoint_embedding(config.vocab_size_per_layer_input, L * P)
-        self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
+        self.per_layer_model_projection = Linear(H, L * P, bias=False)
         self.per_layer_projection_norm = RMSNorm(P, eps=config.rms_norm_eps)
-        self.altup_projections = nn.ModuleList(nn.Linear(H, H, bias=False) for _ in range(config.altup_num_inputs - 1))
+        self.altup_projections = nn.ModuleList(Linear(H, H, bias=False) for _ in range(config.altup_num_inputs - 1))
         self.altup_unembed_projections = nn.ModuleList(
-            nn.Linear(H, H, bias=False) for _ in range(config.altup_num_inputs - 1)
+            Linear(H, H, bias=False) for _ in range(config.altup_num_inputs - 1)
         )
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(L))
         self.norm = RMSNorm(H, eps=config.rms_norm_eps)

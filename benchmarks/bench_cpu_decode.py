@@ -1,0 +1,355 @@
+"""CPU decode of the E2B shape: gemma3n at bf16 / int8 / int4 against transformers bf16, and against the copy bandwidth.
+
+    flock /tmp/gemma3n-heavy.lock python benchmarks/bench_cpu_decode.py            # all four, 3 rounds (~10-15 min)
+    flock /tmp/gemma3n-heavy.lock python benchmarks/bench_cpu_decode.py --impls gemma3n-bf16 transformers-bf16
+
+Uses (and builds once, cached) an E2B-shaped random checkpoint in the published layout (``published_checkpoint.py``,
+default ``/work/cache/e2b``). Each implementation runs in its own process (so peak RSS is its own), one after the
+other, interleaved over rounds (a change in machine speed hits all alike); each round also measures the copy bandwidth.
+Per implementation: decode tok/s at batch 1 and 4 (median interval between streamed tokens, greedy, after a
+``--prompt-tokens`` prompt), prefill tok/s at 128 and 512 tokens, time to first token for a 128-token prompt, peak RSS.
+
+Bandwidth limit: a decode step reads every text-decoder weight once, except the two row-gathered tables (token and
+per-layer embeddings), plus the whole LM head (the tied token table, or its quantized copy). ``weight bytes per token /
+copy GB/s`` bounds the batch-1 step time; "fraction" is the achieved weight GB/s over the copy GB/s of the same round.
+Writes ``benchmarks/results/cpu_decode_e2b.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+IMPLS = ["gemma3n-bf16", "gemma3n-int8", "gemma3n-int4", "transformers-bf16"]
+EXTRA_IMPLS = ["gemma3n-bf16-eager", "gemma3n-bf16-compile"]
+RESULT_MARK = "RESULT_JSON "
+
+
+# ---- measurements inside one child process ------------------------------------------------------------------------
+class TokenTimer:
+    """Streamer (``put``/``end``, the protocol of both libraries): the time each step's tokens arrive."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, _tokens) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def step_seconds(self) -> list[float]:
+        stamps = self.times[1:]  # the first put is the prompt
+        return [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes one batch-1 decode step reads from gemma3n's text decoder (see the module docstring)."""
+    lm = model.language_model
+    vocab = lm.config.vocab_size
+    skip = {id(lm.embed_tokens_per_layer.weight)}
+    tensors = {id(t): t for t in list(lm.parameters()) + list(lm.buffers())}
+    head_copies = [
+        t
+        for i, t in tensors.items()
+        if i not in skip and i != id(lm.embed_tokens.weight) and t.dim() >= 1 and t.shape[0] == vocab
+    ]
+    if head_copies:  # a quantized LM head: the token table itself is only row-gathered
+        skip.add(id(lm.embed_tokens.weight))
+    return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in skip)
+
+
+def run_child(args) -> dict:
+    torch.set_num_threads(args.threads)
+    impl = args.child
+    library, precision = impl.split("-")[0], impl.split("-")[1]
+    mode = impl.split("-")[2] if impl.count("-") >= 2 else None
+    result: dict = {"impl": impl, "threads": torch.get_num_threads()}
+    vocab = 262_144
+    gen = torch.Generator().manual_seed(0)
+    prompts = {n: torch.randint(3, vocab, (1, n), generator=gen) for n in sorted({128, 512, args.prompt_tokens})}
+    batch_prompt = torch.randint(3, vocab, (4, args.prompt_tokens), generator=gen)
+
+    t0 = time.perf_counter()
+    if library == "gemma3n":
+        import gemma3n
+
+        kwargs = {"dtype": torch.bfloat16}
+        if precision != "bf16":
+            if "quantize" not in inspect.signature(gemma3n.load).parameters:
+                return {**result, "available": False, "reason": "installed gemma3n.load has no quantize argument"}
+            kwargs["quantize"] = precision
+        model = gemma3n.load(args.model, **kwargs)
+        result["weight_bytes_per_token"] = weight_bytes_per_token(model)
+        compile_steps = {"compile": True, "eager": False}.get(mode)
+
+        def generate(ids, new, streamer=None):
+            extra = {} if compile_steps is None else {"compile": compile_steps}
+            return model.generate(
+                ids, max_new_tokens=new, do_sample=False, eos_token_id=[-1], streamer=streamer, **extra
+            )
+
+        def prefill(ids):
+            from gemma3n.text_model import KVCache
+
+            cache = KVCache(model.config.text, 1, ids.shape[1] + 1, dtype=model.dtype, device="cpu")
+            with torch.inference_mode():
+                return model(ids, cache=cache, logits_to_keep=1)
+    else:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+
+        def generate(ids, new, streamer=None):
+            with torch.inference_mode():
+                return model.generate(
+                    input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=streamer
+                )
+
+        def prefill(ids):
+            with torch.inference_mode():
+                return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    result["load_s"] = time.perf_counter() - t0
+    result["available"] = True
+
+    # time to first token (prefill + the first sampled token), after a warm-up
+    first = prompts[128]
+    t0 = time.perf_counter()
+    generate(first, 1)
+    result["first_call_s"] = time.perf_counter() - t0
+    ttft = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        generate(first, 1)
+        ttft.append(time.perf_counter() - t0)
+    result["ttft_128_s"] = min(ttft)
+
+    for n in (128, 512):
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            prefill(prompts[n])
+            times.append(time.perf_counter() - t0)
+        result[f"prefill_{n}_tok_s"] = n / min(times)
+
+    for batch in (1, 4):
+        ids = prompts[args.prompt_tokens] if batch == 1 else batch_prompt
+        t0 = time.perf_counter()
+        generate(ids, 3)  # warm-up (and, for compiled steps, the compile of this batch size)
+        result[f"warmup_b{batch}_s"] = time.perf_counter() - t0
+        timer = TokenTimer()
+        generate(ids, args.new_tokens, timer)
+        steps = timer.step_seconds()
+        result[f"decode_b{batch}_step_s"] = steps
+        result[f"decode_b{batch}_tok_s"] = batch / statistics.median(steps)
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
+def copy_bandwidth_gbs(threads: int, gib: float = 1.0) -> float:
+    """Median bytes/s of copying a ``gib`` GiB tensor (source bytes per second, as the weight reads are counted)."""
+    torch.set_num_threads(threads)
+    src = torch.empty(int(gib * (1 << 30)) // 2, dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return src.numel() * src.element_size() / statistics.median(times) / 1e9
+
+
+# ---- the parent: rounds, tables ------------------------------------------------------------------------------------
+def ensure_checkpoint(path: Path) -> Path:
+    if (path / "config.json").is_file():
+        return path
+    sys.path.insert(0, str(HERE))
+    from published_checkpoint import build
+
+    print(f"building the E2B-shaped random checkpoint in {path} (once)", flush=True)
+    return build("e2b", path)
+
+
+def spawn(args, impl: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--model", str(args.model)]
+    cmd += ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+    cmd += ["--prompt-tokens", str(args.prompt_tokens)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {
+            "impl": impl,
+            "available": False,
+            "reason": f"child failed (exit {proc.returncode}): {' | '.join(tail)}",
+        }
+    result = json.loads(lines[-1][len(RESULT_MARK) :])
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def summarize(rounds: list[dict], impls: list[str]) -> dict:
+    """Per implementation: medians and ranges over rounds, fraction of the same round's copy-bandwidth limit."""
+    summary: dict = {}
+    bf16_bytes = None
+    for r in rounds:
+        for res in r["results"].values():
+            if res.get("available") and res["impl"].startswith("gemma3n-bf16"):
+                bf16_bytes = res["weight_bytes_per_token"]
+    for impl in impls:
+        runs = [(r["copy_gbs"], r["results"][impl]) for r in rounds if impl in r["results"]]
+        ok = [(bw, res) for bw, res in runs if res.get("available")]
+        if not ok:
+            summary[impl] = {"available": False, "reason": runs[0][1].get("reason", "") if runs else "not run"}
+            continue
+        nbytes = ok[0][1].get("weight_bytes_per_token", bf16_bytes)
+        row: dict = {"available": True, "rounds": len(ok), "weight_bytes_per_token": nbytes}
+        keys = ["decode_b1_tok_s", "decode_b4_tok_s", "prefill_128_tok_s", "prefill_512_tok_s", "ttft_128_s"]
+        keys += ["peak_rss_gb", "load_s", "first_call_s", "warmup_b1_s"]
+        for key in keys:
+            values = [res[key] for _, res in ok]
+            row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        if nbytes:
+            fractions = [nbytes * res["decode_b1_tok_s"] / 1e9 / bw for bw, res in ok]
+            row["weight_gbs_b1"] = nbytes * row["decode_b1_tok_s"]["median"] / 1e9
+            row["fraction_of_copy_limit"] = {
+                "median": statistics.median(fractions),
+                "min": min(fractions),
+                "max": max(fractions),
+            }
+        b4_over_b1 = [res["decode_b4_tok_s"] / res["decode_b1_tok_s"] for _, res in ok]
+        row["b4_over_b1"] = statistics.median(b4_over_b1)
+        summary[impl] = row
+    ref = "transformers-bf16"
+    for impl, row in summary.items():
+        if impl == ref or not row.get("available") or not summary.get(ref, {}).get("available"):
+            continue
+        ratios = []
+        for r in rounds:  # per-round ratio: both ran in the same round
+            ours, theirs = r["results"].get(impl, {}), r["results"].get(ref, {})
+            if ours.get("available") and theirs.get("available"):
+                ratios.append(ours["decode_b1_tok_s"] / theirs["decode_b1_tok_s"])
+        if ratios:
+            row["decode_b1_vs_transformers"] = {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+            }
+    return summary
+
+
+def markdown(results: dict) -> str:
+    copy = results["copy_gbs"]
+    lines = [
+        f"E2B shape, random bf16 checkpoint, CPU, {results['threads']} threads, torch {results['torch']}, "
+        f"{results['rounds']} rounds, {results['new_tokens']} decode tokens after a {results['prompt_tokens']}-token "
+        f"prompt; copy bandwidth {copy['median']:.1f} GB/s ({copy['min']:.1f}-{copy['max']:.1f}); load average "
+        f"{results['load_average_start']} at start, {results['load_average_end']} at end. Medians over rounds, "
+        "(range) in brackets.",
+        "",
+        "| implementation | decode b1 tok/s | weight GB/s | fraction of copy limit | vs transformers | "
+        "decode b4 tok/s (x b1) | prefill 128 tok/s | prefill 512 tok/s | TTFT 128 s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(cell: dict, digits: int = 2) -> str:
+        return f"{cell['median']:.{digits}f} ({cell['min']:.{digits}f}-{cell['max']:.{digits}f})"
+
+    for impl, row in results["summary"].items():
+        if not row.get("available"):
+            lines.append(f"| {impl} | not available: {row.get('reason', '')} |" + " |" * 8)
+            continue
+        frac = row.get("fraction_of_copy_limit")
+        versus = row.get("decode_b1_vs_transformers")
+        lines.append(
+            f"| {impl} | {fmt(row['decode_b1_tok_s'])} | {row.get('weight_gbs_b1', float('nan')):.2f} | "
+            f"{fmt(frac) if frac else '-'} | {fmt(versus) + 'x' if versus else '-'} | "
+            f"{fmt(row['decode_b4_tok_s'])} ({row['b4_over_b1']:.2f}x) | {fmt(row['prefill_128_tok_s'], 0)} | "
+            f"{fmt(row['prefill_512_tok_s'], 0)} | {fmt(row['ttft_128_s'])} | {fmt(row['peak_rss_gb'])} |"
+        )
+    lines.append("")
+    lines.append("Weight bytes read per decode token: " + ", ".join(
+        f"{impl} {row['weight_bytes_per_token'] / 1e9:.2f} GB"
+        for impl, row in results["summary"].items()
+        if row.get("available") and row.get("weight_bytes_per_token")
+    ) + ".")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("/work/cache/e2b"))
+    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS + EXTRA_IMPLS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "cpu_decode_e2b.json")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(RESULT_MARK + json.dumps(run_child(args)), flush=True)
+        return
+
+    ensure_checkpoint(args.model)
+    results: dict = {
+        "model": str(args.model),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "impls": args.impls,
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "per_round": [],
+    }
+    for r in range(args.rounds):
+        bw = copy_bandwidth_gbs(args.threads)
+        print(f"round {r + 1}/{args.rounds}: copy {bw:.1f} GB/s", flush=True)
+        round_results = {}
+        for impl in args.impls:
+            res = spawn(args, impl)
+            round_results[impl] = res
+            if res.get("available"):
+                print(
+                    f"  {impl:<22} decode b1 {res['decode_b1_tok_s']:.2f}, b4 {res['decode_b4_tok_s']:.2f} tok/s, "
+                    f"prefill 512 {res['prefill_512_tok_s']:.0f} tok/s, TTFT {res['ttft_128_s']:.2f} s, "
+                    f"RSS {res['peak_rss_gb']:.2f} GB ({res['process_s']:.0f} s)",
+                    flush=True,
+                )
+            else:
+                print(f"  {impl:<22} not available: {res.get('reason')}", flush=True)
+        results["per_round"].append({"copy_gbs": bw, "results": round_results})
+    results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    copies = [r["copy_gbs"] for r in results["per_round"]]
+    results["copy_gbs"] = {"median": statistics.median(copies), "min": min(copies), "max": max(copies)}
+    results["summary"] = summarize(results["per_round"], args.impls)
+    table = markdown(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

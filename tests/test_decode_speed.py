@@ -1,0 +1,137 @@
+"""Decode-step cost: the KV cache is sized by what generation can fill, and a step attends over the filled prefix
+(rounded up to a bucket), not over the allocated buffer; compiled decoding gives eager's tokens in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_reference_lm, text_config
+
+import gemma3n
+from gemma3n import generation
+from gemma3n.text_model import KVCache, kv_cache
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 280, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+class _Recorder:
+    """Records the key length of every single-query attention call and the length of every cache allocated."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.key_lengths: list[int] = []
+        self.cache_lengths: list[int] = []
+
+        def recording_sdpa(q, k, v, *args, **kwargs):
+            if q.shape[-2] == 1:
+                self.key_lengths.append(k.shape[-2])
+            return _SDPA(q, k, v, *args, **kwargs)
+
+        recorder = self
+
+        class RecordingCache(KVCache):
+            def __init__(self, config, batch_size, max_len, **kwargs):
+                recorder.cache_lengths.append(max_len)
+                super().__init__(config, batch_size, max_len, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+        monkeypatch.setattr(generation, "KVCache", RecordingCache)
+
+
+def _decode_steps(model, ids: torch.Tensor, steps: int, max_new_tokens: int) -> None:
+    """Run the first ``steps`` decode steps of a greedy generation allowed ``max_new_tokens`` tokens."""
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_ids=[-1])
+    run = generation._generate_iter(
+        model, ids, None, None, None, None, config_overrides=settings, seed=None, generator=None, streamer=None,
+        tokenizer=None, generation_config=None,
+    )  # fmt: skip
+    for _ in range(steps + 1):  # the first yield comes after the prefill's token
+        next(run)
+    run.close()
+
+
+def test_decode_cost_does_not_grow_with_max_new_tokens(tiny_lm, monkeypatch):
+    """Decode steps attend over the same key positions whatever max_new_tokens allows, and the cache is allocated
+    for what can be used: prompt + max_new_tokens, never past the model's context."""
+    _, directory = tiny_lm
+    model = gemma3n.load(directory, dtype=torch.float32)
+    ids = _ids(1, 7)
+    per_limit = {}
+    for limit in (300, 20_000):
+        recorder = _Recorder(monkeypatch)
+        _decode_steps(model, ids, steps=5, max_new_tokens=limit)
+        per_limit[limit] = recorder
+        assert recorder.cache_lengths == [7 + limit]
+    assert per_limit[20_000].key_lengths == per_limit[300].key_lengths
+    # full-attention layers: the first bucket (256); sliding: the window (5); 7: the prompt, in the prefill's KV-shared
+    # layers (which only process the last position)
+    assert set(per_limit[20_000].key_lengths) == {256, 5, 7}
+
+    context = model.config.text.max_position_embeddings
+    assert generation.cache_length_for(model, 7, 10**9, compile=False) == context
+    assert generation.cache_length_for(model, 7, 10**9, compile=True) == context
+
+
+def test_decode_buckets_grow_with_the_filled_prefix(tiny_lm, monkeypatch):
+    """Across bucket boundaries (buckets of 4, 8, 16 positions here) incremental decoding still equals a full forward
+    of the generated sequence: each greedy token is the argmax of the full forward's logits one position earlier
+    (left-padded batch; fp32, random weights, so no near-ties), and the attended keys follow the powers of two."""
+    _, directory = tiny_lm
+    model = gemma3n.load(directory, dtype=torch.float32)
+    monkeypatch.setattr(kv_cache, "DECODE_BUCKET", 4)
+    recorder = _Recorder(monkeypatch)
+    ids = _ids(2, 6, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[-1])
+    full_layers = [n for n in recorder.key_lengths if n != model.config.text.sliding_window]
+    # 6: the prompt (prefill, KV-shared layers); decode: positions 6..7 -> 8, 8..15 -> 16, 16 -> the 18-slot cache
+    assert sorted(set(full_layers)) == [6, 8, 16, 18]
+    full_mask = torch.cat([mask, torch.ones(2, 12, dtype=mask.dtype)], dim=1)
+    with torch.inference_mode():
+        logits = model(out, attention_mask=full_mask).logits
+    chosen = logits[:, 5:-1].gather(-1, out[:, 6:, None])[..., 0]
+    best = logits[:, 5:-1].max(-1).values
+    assert (best - chosen).max() <= 1e-4  # fp32 summation-order differences are ~1e-5 on these logits (|x| < 30)
+
+
+def test_compiled_decoding_equals_eager_in_fp32_across_buckets(tmp_path, monkeypatch):
+    """fp32: compiled decode steps (inductor) give exactly eager's greedy tokens, also when the attended length grows
+    (one compile per bucket: 16 and 32 here)."""
+    save_reference_lm(tmp_path, text_config(vocab_size_per_layer_input=300))
+    model = gemma3n.load(tmp_path, dtype=torch.float32)
+    monkeypatch.setattr(kv_cache, "DECODE_BUCKET", 16)
+    ids = _ids(2, 9, seed=17)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=[-1], pad_token_id=0)
+    eager = model.generate(ids, attention_mask=mask, **settings)
+    compiled = model.generate(ids, attention_mask=mask, compile=True, **settings)
+    assert torch.equal(compiled, eager), f"\neager    {eager[:, 9:]}\ncompiled {compiled[:, 9:]}"
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (2, 1, 96), (4, 96), (3, 5, 96)], ids=["1", "2", "4", "15-rows"])
+def test_few_row_bf16_linear_equals_the_float32_product(shape):
+    """The decoder's Linear (weight-major product for few bf16 rows on a CPU, F.linear otherwise) gives the float32
+    product of the same bf16 values rounded once to bf16, element by element: within a bf16 rounding (2^-8 relative,
+    8 significant bits) plus a float32 accumulation-order bound (products of bf16 values are exact in float32; each of
+    the K additions rounds by at most 2^-24 of the running sum of magnitudes), on any kernel path."""
+
+    from gemma3n.text_model.linear import Linear
+
+    gen = torch.Generator().manual_seed(0)
+    layer = Linear(96, 200, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(200, 96, generator=gen))
+    x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = layer(x)
+    want = x.float() @ layer.weight.float().T
+    assert got.shape == (*shape[:-1], 200) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    accumulation = 96 * 2**-24 * (x.float().abs() @ layer.weight.float().abs().T)
+    bound = 2**-8 * (want.abs() + accumulation) + accumulation
+    assert ((got.float() - want).abs() <= bound).all()
