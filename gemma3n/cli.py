@@ -680,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .matformer_cli import add_slice_command
 
-    add_slice_command(commands)
+    add_slice_command(commands, _DefaultsHelpFormatter)
     return parser
 
 

@@ -25,10 +25,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def add_slice_command(commands: Any) -> argparse.ArgumentParser:
-    """Add the ``slice`` subcommand to the ``gemma3n`` parser's subparsers."""
+def add_slice_command(
+    commands: Any, formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter
+) -> argparse.ArgumentParser:
+    """Add the ``slice`` subcommand to the ``gemma3n`` parser's subparsers (help formatted by ``formatter_class``)."""
     parser = commands.add_parser(
-        "slice", help="write a MatFormer slice (e.g. E2B) of an E4B checkpoint, or --list the presets", epilog=_EPILOG
+        "slice",
+        help="write a MatFormer slice (e.g. E2B) of an E4B checkpoint, or --list the presets",
+        epilog=_EPILOG,
+        formatter_class=formatter_class,
     )
     parser.add_argument("--list", action="store_true", help="list the published presets and exit")
     parser.add_argument("--model", help="source checkpoint directory (e.g. a Gemma 3n E4B download)")

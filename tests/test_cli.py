@@ -379,7 +379,8 @@ def test_help_does_not_import_torch_and_shows_defaults():
     code = (
         "import sys, contextlib, io\n"
         "from gemma3n import cli\n"
-        "for argv in (['--help'], ['caption', '--help'], ['transcribe', '--help'], ['generate', '--help']):\n"
+        "commands = ['caption', 'transcribe', 'generate', 'slice']\n"
+        "for argv in [['--help']] + [[c, '--help'] for c in commands]:\n"
         "    out = io.StringIO()\n"
         "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
         "        cli.main(argv)\n"
