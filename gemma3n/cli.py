@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .file_items import caption_batch, decode_audio, run_with_fallback, transcribe_batch
+from .file_items import one_line as _one_line
+from .file_items import open_image as _open_image
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff"})
 
@@ -205,11 +209,6 @@ class ResultLog:
             self._stream.close()
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
 # ---- model ------------------------------------------------------------------------------------------------------
 
 
@@ -338,17 +337,6 @@ class Tally:
 # ---- caption / transcribe ------------------------------------------------------------------------------------------
 
 
-def _open_image(path: Path) -> Any:
-    """Decode one image fully (so a corrupt file fails here, not inside a batch)."""
-    from PIL import Image
-
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {str(path)!r}")
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
-
-
 @dataclass
 class FileRunner:
     """Runs a file job's pending files through the pipeline in batches, one result row per file.
@@ -385,18 +373,9 @@ class FileRunner:
 
     def _run_group(self, decoded: list[tuple[Path, Any, float]], progress: Progress, tally: Tally) -> None:
         start = progress.count
-        try:
-            results = self.run_batch([item for _, item, _ in decoded], progress.advance)
-            pairs = list(zip(decoded, results, strict=True))
-        except Exception:
-            progress.rewind(start)
-            pairs = []
-            for entry in decoded:
-                try:
-                    pairs.append((entry, self.run_batch([entry[1]], progress.advance)[0]))
-                except Exception as err:
-                    pairs.append((entry, {"error": _one_line(err)}))
-        for (path, _, _), result in pairs:
+        items = [item for _, item, _ in decoded]
+        results = run_with_fallback(self.run_batch, items, progress.advance, lambda: progress.rewind(start))
+        for (path, _, _), result in zip(decoded, results, strict=True):
             if "error" in result:
                 self._failed(progress, tally, path, result)
             else:
@@ -460,9 +439,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.prompt:
         settings["prompt"] = args.prompt
 
-    def run_batch(pipe: Any, images: list[Any], _on_progress: Callable[[float], None]) -> list[dict]:
-        return [{"caption": r[0]["generated_text"]} for r in pipe(images, batch_size=len(images), **settings)]
-
+    run_batch = functools.partial(caption_batch, **settings)
     return run_file_job(args, CAPTION, lambda _pipe, path: (_open_image(path), 1.0), run_batch, lambda _path: 1.0)
 
 
@@ -480,32 +457,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     settings = _generation_settings(args)
     if args.instruction:
         settings["instruction"] = args.instruction
-    if args.timestamps:
-        settings["return_timestamps"] = "chunk"
-
-    def decode(pipe: Any, path: Path) -> tuple[dict, float]:
-        if not path.exists():
-            raise FileNotFoundError(f"no such file: {str(path)!r}")
-        extractor = pipe.processor.feature_extractor
-        wave = extractor.prepare([str(path)])[0]
-        # "path" makes the pipeline name the file in its warnings (e.g. a window that reached max_new_tokens)
-        clip = {"array": wave, "sampling_rate": extractor.sampling_rate, "path": str(path)}
-        return clip, wave.shape[-1] / extractor.sampling_rate
-
-    def run_batch(pipe: Any, clips: list[dict], on_progress: Callable[[float], None]) -> list[dict]:
-        def windows_done(prompts: list[Any]) -> None:  # each prompt's meta: (start, end, rate) of its window
-            on_progress(sum((end - start) / rate for start, end, rate in (p.meta for p in prompts)))
-
-        results = pipe(clips, batch_size=len(clips), on_batch=windows_done, **settings)
-        return [
-            {"text": r["text"], **({"chunks": _jsonable_chunks(r["chunks"])} if "chunks" in r else {})} for r in results
-        ]
-
-    return run_file_job(args, TRANSCRIBE, decode, run_batch, _audio_seconds)
-
-
-def _jsonable_chunks(chunks: list[dict]) -> list[dict]:
-    return [{"text": c["text"], "timestamp": list(c["timestamp"])} for c in chunks]
+    run_batch = functools.partial(transcribe_batch, timestamps=args.timestamps, **settings)
+    return run_file_job(args, TRANSCRIBE, decode_audio, run_batch, _audio_seconds)
 
 
 # ---- generate ---------------------------------------------------------------------------------------------------
