@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -384,9 +385,14 @@ class FileRunner:
         progress.rewind(start + sum(size for _, _, size in decoded))  # whatever the batch did not report
 
     def _failed(self, progress: Progress, tally: Tally, path: Path, result: dict) -> None:
-        self.log.write({"path": os.path.abspath(path), **result})
-        tally.failures.append((path, result["error"]))
-        progress.write(f"gemma3n {self.job.command}: failed: {path}: {result['error']}")
+        record_failure(self.job, self.log, progress, tally, path, result["error"])
+
+
+def record_failure(job: FileJob, log: ResultLog, progress: Progress, tally: Tally, path: Path, error: str) -> None:
+    """Write a file's error row, count it, and name it on stderr as it happens."""
+    log.write({"path": os.path.abspath(path), "error": error})
+    tally.failures.append((path, error))
+    progress.write(f"gemma3n {job.command}: failed: {path}: {error}")
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -400,9 +406,11 @@ def run_file_job(
     decode: Callable[[Any, Path], tuple[Any, float]],
     run_batch: Callable[[Any, list[Any], Callable[[float], None]], list[dict]],
     measure: Callable[[Path], float | None],
+    settings: dict[str, Any],
 ) -> int:
     """Find the files, check ``--output``, skip the files done there, load the model only if work is left, then
-    open the output and run the rest; a summary goes to stderr.
+    open the output and run the rest (here with ``decode`` / ``run_batch``, or with ``--ray`` on Ray Data with the
+    pipeline ``settings``); a summary goes to stderr.
 
     Returns the exit status: 1 when any file failed, else 0.
     """
@@ -415,6 +423,8 @@ def run_file_job(
     if not todo:
         print(f"gemma3n {job.command}: every file already has a {job.result_name} in {log.where}", file=sys.stderr)
         return 0
+    if args.ray or args.ray_address is not None:
+        return run_on_ray(args, job, settings, log, todo, tally)
     pipe = load_pipeline(job.task, args)
     log.open(todo)
     try:
@@ -434,13 +444,124 @@ def run_file_job(
     return 1 if tally.failures else 0
 
 
+# ---- the same on Ray Data ----------------------------------------------------------------------------------------
+
+
+def run_on_ray(
+    args: argparse.Namespace, job: FileJob, settings: dict[str, Any], log: ResultLog, todo: list[Path], tally: Tally
+) -> int:
+    """Run ``todo`` through :mod:`gemma3n.ray` and write each row here, on the driver, as it streams back (in file
+    order), so a killed run loses nothing that was written and a re-run skips it; a row seen twice is written once.
+    The output is opened with the first row (a model that cannot load leaves it untouched)."""
+    try:
+        import ray
+        import ray.data
+
+        from . import ray as gemma3n_ray
+    except ImportError as err:
+        raise CliError(f'--ray needs Ray Data: pip install -e ".[ray]" ({_one_line(err)})') from None
+    from .model_names import ModelNotFoundError, resolve_model_name
+
+    try:
+        model = str(resolve_model_name(args.model))
+    except ModelNotFoundError as err:
+        raise CliError(str(err)) from None
+    started = _start_ray(ray, args.ray_address)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows come back in file order, as in a plain run
+    context.enable_progress_bars = False  # ours counts files as they are written
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines and progress notices
+    local = args.ray_address is None
+    cpus = args.cpus_per_worker or (max(1, (os.cpu_count() or 1) // args.workers) if local else 1)
+    names = {os.path.abspath(path): path for path in todo}
+    dataset = getattr(gemma3n_ray, job.command)(
+        ray.data.from_items([{"path": key} for key in names]),
+        model=model,
+        batch_size=args.batch_size,
+        concurrency=args.workers,
+        num_cpus=cpus,
+        num_gpus=args.gpus_per_worker,
+        device=args.device,
+        dtype=args.dtype,
+        **settings,
+    )
+    timestamps = getattr(args, "timestamps", False)
+    written: set[str] = set()
+    try:
+        with Progress(len(todo), "file") as progress:
+            for row in dataset.iter_rows():
+                key = row["path"]
+                if key not in names or key in written:
+                    continue
+                if not written:
+                    log.open(todo)
+                written.add(key)
+                if row["error"] is not None:
+                    record_failure(job, log, progress, tally, names[key], row["error"])
+                else:
+                    log.write({"path": key, **_ray_result(job, row, timestamps)})
+                    tally.done += 1
+                progress.advance(1)
+    except Exception as err:
+        if isinstance(err, (KeyboardInterrupt, CliError)):
+            raise
+        raise CliError(_ray_failure(err, gemma3n_ray.ModelLoadError)) from None
+    finally:
+        log.close()
+        if written or not isinstance(sys.exc_info()[1], CliError):
+            for line in tally.summary(job.command, log.where):
+                print(line, file=sys.stderr)
+        if started:
+            ray.shutdown()
+    return 1 if tally.failures else 0
+
+
+def _start_ray(ray: Any, address: str | None) -> bool:
+    """Connect to Ray: the running instance in this process, the cluster at ``address``, or a new local instance
+    (no dashboard). Returns whether this call started it (and so shuts it down)."""
+    if ray.is_initialized():
+        return False
+    try:
+        if address is not None:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+    except Exception as err:  # no cluster at the address, a port in use, ...
+        raise CliError(f"cannot start Ray{'' if address is None else f' at {address!r}'}: {_one_line(err)}") from None
+    return True
+
+
+def _ray_result(job: FileJob, row: dict, timestamps: bool) -> dict:
+    """A row of the Ray stage as the record a plain run writes."""
+    if job is CAPTION:
+        return {"caption": row["caption"]}
+    record = {"text": row["text"]}
+    if timestamps:
+        chunks = row["chunks"]
+        record["chunks"] = [{"text": c["text"], "timestamp": [float(t) for t in c["timestamp"]]} for c in chunks]
+    return record
+
+
+def _ray_failure(err: BaseException, load_error: type[Exception]) -> str:
+    """One line for a Ray job that failed as a whole: the model's load error when that is the cause."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, load_error):
+            return str(seen)
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"the Ray job failed: {lines[-1] if lines else type(err).__name__}"
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     settings = _generation_settings(args)
     if args.prompt:
         settings["prompt"] = args.prompt
 
     run_batch = functools.partial(caption_batch, **settings)
-    return run_file_job(args, CAPTION, lambda _pipe, path: (_open_image(path), 1.0), run_batch, lambda _path: 1.0)
+    decode = lambda _pipe, path: (_open_image(path), 1.0)  # noqa: E731 - looked up at call time (tests patch it)
+    return run_file_job(args, CAPTION, decode, run_batch, lambda _path: 1.0, settings)
 
 
 def _audio_seconds(path: Path) -> float | None:
@@ -458,7 +579,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if args.instruction:
         settings["instruction"] = args.instruction
     run_batch = functools.partial(transcribe_batch, timestamps=args.timestamps, **settings)
-    return run_file_job(args, TRANSCRIBE, decode_audio, run_batch, _audio_seconds)
+    return run_file_job(args, TRANSCRIBE, decode_audio, run_batch, _audio_seconds, settings)
 
 
 # ---- generate ---------------------------------------------------------------------------------------------------
@@ -534,6 +655,28 @@ def _add_output_options(parser: argparse.ArgumentParser, batch_help: str, batch_
     )
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Ray (needs the ray extra: pip install -e ".[ray]")')
+    group.add_argument(
+        "--ray", action="store_true", help="run on Ray Data: a local Ray instance, or the cluster of --ray-address"
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="join this Ray cluster ('auto': the one started with `ray start` on this machine); implies --ray "
+        "(default: start a local instance)",
+    )
+    group.add_argument("--workers", type=_positive_int, default=1, help="Ray actors, each loading the model once")
+    group.add_argument(
+        "--cpus-per-worker",
+        type=_positive_int,
+        default=None,
+        help="CPUs (and torch threads) per actor (default: this machine's cores / --workers; 1 on a cluster)",
+    )
+    group.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per actor (the model then runs on cuda)")
+
+
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
     """Ends every option's help with its default, unless the help text already says it."""
 
@@ -564,6 +707,7 @@ def add_caption_parser(commands: Any) -> None:
         help="what to ask about each image (default: 'Write a one-sentence caption for this image.')",
     )
     _add_output_options(caption, "images per batch", 4)
+    _add_ray_options(caption)
     caption.set_defaults(func=cmd_caption)
 
 
@@ -576,6 +720,7 @@ def add_transcribe_parser(commands: Any) -> None:
     )
     transcribe.add_argument("--timestamps", action="store_true", help="add per-window chunks with (start, end) times")
     _add_output_options(transcribe, "audio windows (up to 30 s each) per batch", 1)
+    _add_ray_options(transcribe)
     transcribe.set_defaults(func=cmd_transcribe)
 
 

@@ -33,9 +33,12 @@ def open_image(source: Any) -> Any:
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        with Image.open(io.BytesIO(bytes(source))) as image:
-            image.load()
-            return image.convert("RGB")
+        try:
+            with Image.open(io.BytesIO(bytes(source))) as image:
+                image.load()
+                return image.convert("RGB")
+        except Image.UnidentifiedImageError:  # its message would name a BytesIO object
+            raise ValueError(f"cannot identify an image in {len(source)} bytes") from None
     if hasattr(source, "__array__") and not isinstance(source, (str, Path)):
         return Image.fromarray(source).convert("RGB")
     path = Path(source)
