@@ -1,6 +1,6 @@
 """gemma3n.ray and ``gemma3n caption / transcribe --ray`` on a local Ray instance (2 CPUs, no dashboard) with the
-tiny-random checkpoint: results equal the single-process ones, bad files become error rows, re-runs add nothing, and a
-run whose driver is killed mid-job resumes without loss or duplicates."""
+tiny-random checkpoint: results equal the single-process ones, bad files become error rows, re-runs add nothing, a
+run whose driver is killed mid-job resumes without loss or duplicates, and a killed worker loses nothing."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,10 +177,38 @@ def test_cli_transcribe_on_ray_equals_the_plain_run(tmp_path, cluster, capsys):
     assert "1 failed" in capsys.readouterr().err
 
 
+def _workers_of_this_cluster(cache: str) -> list[int]:
+    """Pids of the Ray Data actors of the test's Ray instance: they carry its GEMMA3N_CACHE in their environment."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::MapWorker"):
+                if f"GEMMA3N_CACHE={cache}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+killed: list[int] = []
+
+
+def _kill_a_worker_after(out: Path, rows: int, cache: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if out.read_text(encoding="utf-8").count("\n") >= rows:
+            for pid in _workers_of_this_cluster(cache)[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            return
+        time.sleep(0.02)
+
+
 def test_cli_run_killed_mid_job_resumes_without_loss_or_duplicates(tmp_path, cluster, captioner):
     """The driver (a separate process attached to the test's Ray instance) is killed once some rows are written;
-    the re-run writes each remaining file once."""
-    folder = _image_folder(tmp_path, copies=4)
+    the re-run, whose worker is killed mid-job too, writes each remaining file once."""
+    cluster_cache = os.environ["GEMMA3N_CACHE"]
+    folder = _image_folder(tmp_path, copies=5)
     for name in ("broken.png", "fake.jpg"):
         (folder / name).unlink()
     images = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
@@ -199,8 +228,15 @@ def test_cli_run_killed_mid_job_resumes_without_loss_or_duplicates(tmp_path, clu
     assert driver.poll() is None, driver.stderr.read().decode()  # still running: killed mid-job
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert 2 <= out.read_text(encoding="utf-8").count("\n") < len(images)  # complete rows (a cut one may follow)
+    done_before = out.read_text(encoding="utf-8").count("\n")  # complete rows (a cut one may follow)
+    assert 2 <= done_before < len(images) - 2
+    # The re-run (in this process, on the test's Ray instance) loses its worker once a row more is written: Ray
+    # restarts the actor and re-runs its batch.
+    killer = threading.Thread(target=_kill_a_worker_after, args=(out, done_before + 1, cluster_cache), daemon=True)
+    killer.start()
     assert cli.main([*args, "--output", str(out), "--ray"]) == 0
+    killer.join()
+    assert killed, "no worker was killed"
     rows = _lines(out)
     assert sorted(r["path"] for r in rows) == [str(p) for p in images]  # every image once: no loss, no duplicates
     expected = {name: _expected_caption(captioner, EXAMPLES / name) for name in ("house.png", "sunset.jpg")}
