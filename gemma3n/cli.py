@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -470,7 +471,7 @@ def run_on_ray(
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows come back in file order, as in a plain run
     context.enable_progress_bars = False  # ours counts files as they are written
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines and progress notices
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its notices and tracebacks: ours is one line
     local = args.ray_address is None
     cpus = args.cpus_per_worker or (max(1, (os.cpu_count() or 1) // args.workers) if local else 1)
     names = {os.path.abspath(path): path for path in todo}
@@ -543,15 +544,21 @@ def _ray_result(job: FileJob, row: dict, timestamps: bool) -> dict:
 
 
 def _ray_failure(err: BaseException, load_error: type[Exception]) -> str:
-    """One line for a Ray job that failed as a whole: the model's load error when that is the cause."""
+    """One line for a Ray job that failed as a whole: the model's load error when that is the cause, else the first
+    exception the remote traceback names (Ray sends the worker's traceback as text)."""
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, load_error):
             return str(seen)
         cause = getattr(seen, "cause", None)
         seen = cause if isinstance(cause, BaseException) else seen.__cause__
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return f"the Ray job failed: {lines[-1] if lines else type(err).__name__}"
+    lines = [line.strip() for line in str(err).splitlines()]
+    marker = f"{load_error.__module__}.{load_error.__name__}: "
+    for line in lines:
+        if line.startswith(marker):
+            return line[len(marker) :]
+    named = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line) and "ray.exceptions" not in line]
+    return f"the Ray job failed: {named[0] if named else _one_line(err)}"
 
 
 def cmd_caption(args: argparse.Namespace) -> int:

@@ -164,6 +164,17 @@ def test_cli_caption_on_ray_equals_the_plain_run_and_resumes(tmp_path, cluster, 
     assert "gemma3n caption: 0 done, 2 skipped (already in the output), 2 failed" in capsys.readouterr().err
 
 
+def test_cli_model_that_cannot_load_on_the_workers_is_a_one_line_error(tmp_path, cluster, capsys):
+    model = tmp_path / "broken-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gemma3n", "text_config": 5}')
+    out = tmp_path / "captions.jsonl"
+    assert cli.main(["caption", str(EXAMPLES / "cat.png"), "--model", str(model), "--output", str(out), "--ray"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line.startswith(f"gemma3n caption: error: cannot load model {str(model)!r}: ") and "text_config" in line
+    assert not out.exists()
+
+
 @pytest.mark.filterwarnings("ignore:the transcript of")
 def test_cli_transcribe_on_ray_equals_the_plain_run(tmp_path, cluster, capsys):
     folder = _audio_folder(tmp_path)
