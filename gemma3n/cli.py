@@ -473,7 +473,8 @@ def run_on_ray(
     context.enable_progress_bars = False  # ours counts files as they are written
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its notices and tracebacks: ours is one line
     local = args.ray_address is None
-    cpus = args.cpus_per_worker or (max(1, (os.cpu_count() or 1) // args.workers) if local else 1)
+    # locally one core stays with the driver and Ray's own processes: a 2-CPU actor on 2 cores ran 3x slower
+    cpus = args.cpus_per_worker or (max(1, ((os.cpu_count() or 1) - 1) // args.workers) if local else 1)
     names = {os.path.abspath(path): path for path in todo}
     dataset = getattr(gemma3n_ray, job.command)(
         ray.data.from_items([{"path": key} for key in names]),
@@ -679,7 +680,8 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
         "--cpus-per-worker",
         type=_positive_int,
         default=None,
-        help="CPUs (and torch threads) per actor (default: this machine's cores / --workers; 1 on a cluster)",
+        help="CPUs (and torch threads) per actor (default: (this machine's cores - 1) / --workers, at least 1; 1 on a "
+        "cluster)",
     )
     group.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per actor (the model then runs on cuda)")
 
