@@ -485,6 +485,7 @@ def run_on_ray(
         num_gpus=args.gpus_per_worker,
         device=args.device,
         dtype=args.dtype,
+        quantize=getattr(args, "quantize", None),  # --quantize, where the command has it
         **settings,
     )
     timestamps = getattr(args, "timestamps", False)
