@@ -22,13 +22,19 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from .file_items import caption_batch, decode_audio, run_with_fallback, transcribe_batch
+from .file_items import one_line as _one_line
+from .file_items import open_image as _open_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff"})
@@ -205,11 +211,6 @@ class ResultLog:
             self._stream.close()
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
 # ---- model ------------------------------------------------------------------------------------------------------
 
 
@@ -344,17 +345,6 @@ class Tally:
 # ---- caption / transcribe ------------------------------------------------------------------------------------------
 
 
-def _open_image(path: Path) -> Any:
-    """Decode one image fully (so a corrupt file fails here, not inside a batch)."""
-    from PIL import Image
-
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {str(path)!r}")
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
-
-
 @dataclass
 class FileRunner:
     """Runs a file job's pending files through the pipeline in batches, one result row per file.
@@ -391,18 +381,9 @@ class FileRunner:
 
     def _run_group(self, decoded: list[tuple[Path, Any, float]], progress: Progress, tally: Tally) -> None:
         start = progress.count
-        try:
-            results = self.run_batch([item for _, item, _ in decoded], progress.advance)
-            pairs = list(zip(decoded, results, strict=True))
-        except Exception:
-            progress.rewind(start)
-            pairs = []
-            for entry in decoded:
-                try:
-                    pairs.append((entry, self.run_batch([entry[1]], progress.advance)[0]))
-                except Exception as err:
-                    pairs.append((entry, {"error": _one_line(err)}))
-        for (path, _, _), result in pairs:
+        items = [item for _, item, _ in decoded]
+        results = run_with_fallback(self.run_batch, items, progress.advance, lambda: progress.rewind(start))
+        for (path, _, _), result in zip(decoded, results, strict=True):
             if "error" in result:
                 self._failed(progress, tally, path, result)
             else:
@@ -411,9 +392,14 @@ class FileRunner:
         progress.rewind(start + sum(size for _, _, size in decoded))  # whatever the batch did not report
 
     def _failed(self, progress: Progress, tally: Tally, path: Path, result: dict) -> None:
-        self.log.write({"path": os.path.abspath(path), **result})
-        tally.failures.append((path, result["error"]))
-        progress.write(f"gemma3n {self.job.command}: failed: {path}: {result['error']}")
+        record_failure(self.job, self.log, progress, tally, path, result["error"])
+
+
+def record_failure(job: FileJob, log: ResultLog, progress: Progress, tally: Tally, path: Path, error: str) -> None:
+    """Write a file's error row, count it, and name it on stderr as it happens."""
+    log.write({"path": os.path.abspath(path), "error": error})
+    tally.failures.append((path, error))
+    progress.write(f"gemma3n {job.command}: failed: {path}: {error}")
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -427,9 +413,11 @@ def run_file_job(
     decode: Callable[[Any, Path], tuple[Any, float]],
     run_batch: Callable[[Any, list[Any], Callable[[float], None]], list[dict]],
     measure: Callable[[Path], float | None],
+    settings: dict[str, Any],
 ) -> int:
     """Find the files, check ``--output``, skip the files done there, load the model only if work is left, then
-    open the output and run the rest; a summary goes to stderr.
+    open the output and run the rest (here with ``decode`` / ``run_batch``, or with ``--ray`` on Ray Data with the
+    pipeline ``settings``); a summary goes to stderr.
 
     Returns the exit status: 1 when any file failed, else 0.
     """
@@ -442,6 +430,8 @@ def run_file_job(
     if not todo:
         print(f"gemma3n {job.command}: every file already has a {job.result_name} in {log.where}", file=sys.stderr)
         return 0
+    if args.ray or args.ray_address is not None:
+        return run_on_ray(args, job, settings, log, todo, tally)
     pipe = load_pipeline(job.task, args)
     log.open(todo)
     try:
@@ -461,15 +451,132 @@ def run_file_job(
     return 1 if tally.failures else 0
 
 
+# ---- the same on Ray Data ----------------------------------------------------------------------------------------
+
+
+def run_on_ray(
+    args: argparse.Namespace, job: FileJob, settings: dict[str, Any], log: ResultLog, todo: list[Path], tally: Tally
+) -> int:
+    """Run ``todo`` through :mod:`gemma3n.ray` and write each row here, on the driver, as it streams back (in file
+    order), so a killed run loses nothing that was written and a re-run skips it; a row seen twice is written once.
+    The output is opened with the first row (a model that cannot load leaves it untouched)."""
+    try:
+        import ray
+        import ray.data
+
+        from . import ray as gemma3n_ray
+    except ImportError as err:
+        raise CliError(f'--ray needs Ray Data: pip install -e ".[ray]" ({_one_line(err)})') from None
+    from .model_names import ModelNotFoundError, resolve_model_name
+
+    try:
+        model = str(resolve_model_name(args.model))
+    except ModelNotFoundError as err:
+        raise CliError(str(err)) from None
+    started = _start_ray(ray, args.ray_address)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows come back in file order, as in a plain run
+    context.enable_progress_bars = False  # ours counts files as they are written
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its notices and tracebacks: ours is one line
+    local = args.ray_address is None
+    # locally one core stays with the driver and Ray's own processes: a 2-CPU actor on 2 cores ran 3x slower
+    cpus = args.cpus_per_worker or (max(1, ((os.cpu_count() or 1) - 1) // args.workers) if local else 1)
+    names = {os.path.abspath(path): path for path in todo}
+    dataset = getattr(gemma3n_ray, job.command)(
+        ray.data.from_items([{"path": key} for key in names]),
+        model=model,
+        batch_size=args.batch_size,
+        concurrency=args.workers,
+        num_cpus=cpus,
+        num_gpus=args.gpus_per_worker,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=getattr(args, "quantize", None),  # --quantize, where the command has it
+        **settings,
+    )
+    timestamps = getattr(args, "timestamps", False)
+    written: set[str] = set()
+    try:
+        with Progress(len(todo), "file") as progress:
+            for row in dataset.iter_rows():
+                key = row["path"]
+                if key not in names or key in written:
+                    continue
+                if not written:
+                    log.open(todo)
+                written.add(key)
+                if row["error"] is not None:
+                    record_failure(job, log, progress, tally, names[key], row["error"])
+                else:
+                    log.write({"path": key, **_ray_result(job, row, timestamps)})
+                    tally.done += 1
+                progress.advance(1)
+    except Exception as err:
+        if isinstance(err, (KeyboardInterrupt, CliError)):
+            raise
+        raise CliError(_ray_failure(err, gemma3n_ray.ModelLoadError)) from None
+    finally:
+        log.close()
+        if written or not isinstance(sys.exc_info()[1], CliError):
+            for line in tally.summary(job.command, log.where):
+                print(line, file=sys.stderr)
+        if started:
+            ray.shutdown()
+    return 1 if tally.failures else 0
+
+
+def _start_ray(ray: Any, address: str | None) -> bool:
+    """Connect to Ray: the running instance in this process, the cluster at ``address``, or a new local instance
+    (no dashboard). Returns whether this call started it (and so shuts it down)."""
+    if ray.is_initialized():
+        return False
+    try:
+        if address is not None:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+    except Exception as err:  # no cluster at the address, a port in use, ...
+        raise CliError(f"cannot start Ray{'' if address is None else f' at {address!r}'}: {_one_line(err)}") from None
+    return True
+
+
+def _ray_result(job: FileJob, row: dict, timestamps: bool) -> dict:
+    """A row of the Ray stage as the record a plain run writes."""
+    if job is CAPTION:
+        return {"caption": row["caption"]}
+    record = {"text": row["text"]}
+    if timestamps:
+        chunks = row["chunks"]
+        record["chunks"] = [{"text": c["text"], "timestamp": [float(t) for t in c["timestamp"]]} for c in chunks]
+    return record
+
+
+def _ray_failure(err: BaseException, load_error: type[Exception]) -> str:
+    """One line for a Ray job that failed as a whole: the model's load error when that is the cause, else the first
+    exception the remote traceback names (Ray sends the worker's traceback as text)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, load_error):
+            return str(seen)
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    lines = [line.strip() for line in str(err).splitlines()]
+    marker = f"{load_error.__module__}.{load_error.__name__}: "
+    for line in lines:
+        if line.startswith(marker):
+            return line[len(marker) :]
+    named = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line) and "ray.exceptions" not in line]
+    return f"the Ray job failed: {named[0] if named else _one_line(err)}"
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     settings = _generation_settings(args)
     if args.prompt:
         settings["prompt"] = args.prompt
 
-    def run_batch(pipe: Any, images: list[Any], _on_progress: Callable[[float], None]) -> list[dict]:
-        return [{"caption": r[0]["generated_text"]} for r in pipe(images, batch_size=len(images), **settings)]
-
-    return run_file_job(args, CAPTION, lambda _pipe, path: (_open_image(path), 1.0), run_batch, lambda _path: 1.0)
+    run_batch = functools.partial(caption_batch, **settings)
+    decode = lambda _pipe, path: (_open_image(path), 1.0)  # noqa: E731 - looked up at call time (tests patch it)
+    return run_file_job(args, CAPTION, decode, run_batch, lambda _path: 1.0, settings)
 
 
 def _audio_seconds(path: Path) -> float | None:
@@ -486,32 +593,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     settings = _generation_settings(args)
     if args.instruction:
         settings["instruction"] = args.instruction
-    if args.timestamps:
-        settings["return_timestamps"] = "chunk"
-
-    def decode(pipe: Any, path: Path) -> tuple[dict, float]:
-        if not path.exists():
-            raise FileNotFoundError(f"no such file: {str(path)!r}")
-        extractor = pipe.processor.feature_extractor
-        wave = extractor.prepare([str(path)])[0]
-        # "path" makes the pipeline name the file in its warnings (e.g. a window that reached max_new_tokens)
-        clip = {"array": wave, "sampling_rate": extractor.sampling_rate, "path": str(path)}
-        return clip, wave.shape[-1] / extractor.sampling_rate
-
-    def run_batch(pipe: Any, clips: list[dict], on_progress: Callable[[float], None]) -> list[dict]:
-        def windows_done(prompts: list[Any]) -> None:  # each prompt's meta: (start, end, rate) of its window
-            on_progress(sum((end - start) / rate for start, end, rate in (p.meta for p in prompts)))
-
-        results = pipe(clips, batch_size=len(clips), on_batch=windows_done, **settings)
-        return [
-            {"text": r["text"], **({"chunks": _jsonable_chunks(r["chunks"])} if "chunks" in r else {})} for r in results
-        ]
-
-    return run_file_job(args, TRANSCRIBE, decode, run_batch, _audio_seconds)
-
-
-def _jsonable_chunks(chunks: list[dict]) -> list[dict]:
-    return [{"text": c["text"], "timestamp": list(c["timestamp"])} for c in chunks]
+    run_batch = functools.partial(transcribe_batch, timestamps=args.timestamps, **settings)
+    return run_file_job(args, TRANSCRIBE, decode_audio, run_batch, _audio_seconds, settings)
 
 
 # ---- generate ---------------------------------------------------------------------------------------------------
@@ -593,6 +676,29 @@ def _add_output_options(parser: argparse.ArgumentParser, batch_help: str, batch_
     )
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Ray (needs the ray extra: pip install -e ".[ray]")')
+    group.add_argument(
+        "--ray", action="store_true", help="run on Ray Data: a local Ray instance, or the cluster of --ray-address"
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="join this Ray cluster ('auto': the one started with `ray start` on this machine); implies --ray "
+        "(default: start a local instance)",
+    )
+    group.add_argument("--workers", type=_positive_int, default=1, help="Ray actors, each loading the model once")
+    group.add_argument(
+        "--cpus-per-worker",
+        type=_positive_int,
+        default=None,
+        help="CPUs (and torch threads) per actor (default: (this machine's cores - 1) / --workers, at least 1; 1 on a "
+        "cluster)",
+    )
+    group.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per actor (the model then runs on cuda)")
+
+
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
     """Ends every option's help with its default, unless the help text already says it."""
 
@@ -623,6 +729,7 @@ def add_caption_parser(commands: Any) -> None:
         help="what to ask about each image (default: 'Write a one-sentence caption for this image.')",
     )
     _add_output_options(caption, "images per batch", 4)
+    _add_ray_options(caption)
     caption.set_defaults(func=cmd_caption)
 
 
@@ -635,6 +742,7 @@ def add_transcribe_parser(commands: Any) -> None:
     )
     transcribe.add_argument("--timestamps", action="store_true", help="add per-window chunks with (start, end) times")
     _add_output_options(transcribe, "audio windows (up to 30 s each) per batch", 1)
+    _add_ray_options(transcribe)
     transcribe.set_defaults(func=cmd_transcribe)
 
 
