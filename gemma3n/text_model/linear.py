@@ -9,18 +9,21 @@ from torch import nn
 FEW_ROWS = 4  # products with up to this many rows (decode of small batches) take the weight-major path
 
 
-def weight_major_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def weight_major_product(x: torch.Tensor, weight: torch.Tensor, *, contiguous: bool = True) -> torch.Tensor:
     """``x @ weight.T`` computed as ``weight @ rows.T``. x [..., in], weight [out, in] -> [..., out].
 
-    On a CPU, torch runs a bf16 product of one row against a large weight as a matrix-vector kernel that reaches a
+    On a CPU, torch runs a product of few rows against a large weight as a matrix-vector kernel that reaches a
     fraction of the memory bandwidth; the same product with the weight as the left operand runs as a GEMM with a
     narrow right side that streams the weight. One row is padded to two, which takes that GEMM path.
+    ``contiguous=False`` returns a transposed view instead of a copy (for a result too big to copy, the LM head's).
     """
     rows = x.reshape(-1, x.shape[-1])  # [n, in]
     n = rows.shape[0]
     if n == 1:
         rows = torch.cat([rows, torch.zeros_like(rows)])
-    out = (weight @ rows.T)[:, :n].T.contiguous()  # [out, n or 2] -> [n, out]
+    out = (weight @ rows.T)[:, :n].T  # [out, n or 2] -> [n, out]
+    if contiguous:
+        out = out.contiguous()
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

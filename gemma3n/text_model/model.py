@@ -13,7 +13,7 @@ from ..modules import RMSNorm, checkpoint_embedding
 from .attention import rope_cos_sin
 from .kv_cache import AttentionContext, KVCache
 from .layers import DecoderLayer, in_dtype
-from .linear import Linear
+from .linear import Linear, weight_major_product
 
 
 def match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -113,20 +113,13 @@ class TextModel(nn.Module):
         """Tied LM head with final soft-capping. [B, T, H] -> [B, T, vocab]"""
         if self.lm_head is not None:  # a separate head (e.g. the quantized copy from gemma3n.quantize)
             logits = self.lm_head(hidden)
-            cap = self.config.final_logit_softcapping
-            return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
-        weight = self.embed_tokens.weight.to(hidden.device)  # [vocab, H]
-        if hidden.device.type == "cpu":
+        elif hidden.device.type == "cpu":
             # CPU BLAS runs F.linear's shape (few rows against the 262k-row table) as a slow matrix-vector product;
-            # as weight @ rows^T it streams the table at memory bandwidth: 1.6x (1 row) to 4x (4 rows) faster. A
-            # single row is padded to two to take that path. [n, H] -> [vocab, n], returned as a [n, vocab] view.
-            rows = hidden.reshape(-1, hidden.shape[-1])
-            n = rows.shape[0]
-            if n == 1:
-                rows = torch.cat([rows, torch.zeros_like(rows)])
-            logits = (weight @ rows.T)[:, :n].T.reshape(*hidden.shape[:-1], weight.shape[0])
+            # weight @ rows^T streams the table at memory bandwidth: 1.6x (1 row) to 4x (4 rows) faster. The
+            # [n, vocab] result stays a view (no copy of the biggest buffer).
+            logits = weight_major_product(hidden, self.embed_tokens.weight, contiguous=False)
         else:
-            logits = F.linear(hidden, weight)
+            logits = F.linear(hidden, self.embed_tokens.weight.to(hidden.device))
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = logits.div_(cap).tanh_().mul_(cap)  # in place: the [B, T, 262k] buffer is the big one
