@@ -26,10 +26,11 @@ def lm_head_logits(
     then ``softcap * tanh(logits / softcap)`` when a final soft-cap is set."""
     if lm_head is not None:  # a separate head (untied, or the quantized copy from gemma3n.quantize)
         logits = lm_head(hidden)
-    elif hidden.device.type == "cpu":
-        # CPU BLAS runs F.linear's shape (few rows against the 262k-row table) as a slow matrix-vector product;
+    elif hidden.device.type == "cpu" and table.dtype == torch.bfloat16:
+        # CPU BLAS runs F.linear's bf16 shape (few rows against the 262k-row table) as a slow matrix-vector product;
         # table @ rows^T streams the table at memory bandwidth: 1.6x (1 row) to 4x (4 rows) faster. The
-        # [n, vocab] result stays a view (no copy of the biggest buffer).
+        # [n, vocab] result stays a view (no copy of the biggest buffer). fp32 BLAS has a fast matrix-vector
+        # kernel, which the padded product would be slower than (about 2x for one row).
         logits = weight_major_product(hidden, table, contiguous=False)
     else:
         logits = F.linear(hidden, table.to(hidden.device))
