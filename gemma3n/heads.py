@@ -21,42 +21,26 @@ from torch import nn
 from .checkpoint import attach_weights, checkpoint_dtype, read_checkpoint_tensors
 from .devices import resolve_device, resolve_dtype
 from .gemma_config import GemmaConfig
+from .loaded_model import LoadedModel
 from .text_model.decoder import Decoder
 from .text_model.heads import ModelOutput, last_token_index
 from .text_model.kv_cache import KVCache
 from .text_model.linear import Linear
 
 
-class FamilyModel(nn.Module):
-    """What every Gemma / Gemma 2 model shares: the decoder (``model``), loading, device, dtype and processor."""
+class FamilyModel(LoadedModel):
+    """What every Gemma / Gemma 2 model shares: the decoder (``model``) and its text-only input checks."""
 
     task = ""  # the pipeline task this head serves
 
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.path: Path | None = None
-        self._processor = None
         self.model = Decoder(config)
 
     @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
-
-    @property
-    def processor(self) -> Any:
-        """The checkpoint's tokenizer and chat template (a :class:`gemma3n.Processor`), loaded on first use."""
-        if self._processor is None:
-            if self.path is None:
-                raise ValueError("this model was not loaded from a checkpoint directory; build a Processor yourself")
-            from .processors import Processor
-
-            self._processor = Processor.from_pretrained(self.path)
-        return self._processor
+    def token_embedding(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight
 
     def _hidden(
         self,

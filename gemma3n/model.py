@@ -12,6 +12,7 @@ from .checkpoint import attach_weights, checkpoint_dtype, read_checkpoint_tensor
 from .config import Gemma3nConfig, read_config_json
 from .devices import resolve_device, resolve_dtype
 from .gemma_config import FAMILIES, GemmaConfig
+from .loaded_model import LoadedModel
 from .matformer import MatformerSpec, slice_checkpoint
 from .model_names import resolve_model_name
 from .text_model import KVCache, TextModel
@@ -21,14 +22,12 @@ if TYPE_CHECKING:
     from .heads import FamilyModel
 
 
-class Gemma3n(nn.Module):
+class Gemma3n(LoadedModel):
     """Gemma 3n: text decoder plus, when configured, the vision and audio towers and their embedders."""
 
     def __init__(self, config: Gemma3nConfig, *, text_only: bool = False):
         super().__init__()
         self.config = config
-        self.path: Path | None = None
-        self._processor = None
         self.language_model = TextModel(config.text)
         self.has_vision = config.vision is not None and not text_only
         self.has_audio = config.audio is not None and not text_only
@@ -97,25 +96,9 @@ class Gemma3n(nn.Module):
         model.path = path
         return model.eval().requires_grad_(False)
 
-    # ---- properties -------------------------------------------------------------------------------------------------
     @property
-    def device(self) -> torch.device:
-        return self.language_model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.embed_tokens.weight.dtype
-
-    @property
-    def processor(self) -> Any:
-        """The checkpoint's processor (tokenizer, chat template, image and audio preprocessing), loaded on first use."""
-        if self._processor is None:
-            if self.path is None:
-                raise ValueError("this model was not loaded from a checkpoint directory; build a Processor yourself")
-            from .processors import Processor
-
-            self._processor = Processor.from_pretrained(self.path)
-        return self._processor
+    def token_embedding(self) -> torch.Tensor:
+        return self.language_model.embed_tokens.weight
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def embed_inputs(
