@@ -157,7 +157,9 @@ def save_family_checkpoint(
     import transformers
 
     if (family, head) not in MODEL_CLASSES:
-        raise ValueError(f"unknown family/head {family!r}/{head!r}; families: gemma, gemma2; heads: causal, sequence, token")
+        raise ValueError(
+            f"unknown family/head {family!r}/{head!r}; families: gemma, gemma2; heads: causal, sequence, token"
+        )
     config = family_config(family, head, **config_overrides)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

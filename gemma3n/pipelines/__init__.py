@@ -19,9 +19,9 @@ import torch
 from .automatic_speech_recognition import AutomaticSpeechRecognitionPipeline
 from .base import Pipeline, check_model_task
 from .checkpoints import ModelNotFoundError, resolve_checkpoint, resolve_model_name
+from .forward_base import ForwardPipeline
 from .image_text_to_text import ImageTextToTextPipeline
 from .image_to_text import ImageToTextPipeline
-from .forward_base import ForwardPipeline
 from .text_classification import TextClassificationPipeline
 from .text_generation import TextGenerationPipeline
 from .token_classification import TokenClassificationPipeline

@@ -505,7 +505,7 @@ class Processor:
         template = ChatTemplate(chat_template, "chat_template argument") if chat_template else self.chat_template
         if template is None:
             raise ValueError(
-                f"{self.name} has no chat template (no chat_template.jinja, chat_template.json or \"chat_template\" in "
+                f'{self.name} has no chat template (no chat_template.jinja, chat_template.json or "chat_template" in '
                 "tokenizer_config.json): pass chat_template=, or give plain text"
             )
         template_variables = template.variables
