@@ -291,7 +291,7 @@ class Gemma3nConfig:
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"config.json: model_type is {model_type!r}, which this package cannot load; "
-                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} (and gemma, gemma2 through gemma3n.load)"
             )
         architectures = data.get("architectures") or []
         text_only = "text_config" not in data and (
@@ -319,14 +319,21 @@ class Gemma3nConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Gemma3nConfig:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
-        config_file = path / "config.json" if path.is_dir() else path
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-        try:
-            data = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{config_file} is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(path))
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint directory (or the file itself)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_file} must hold a JSON object")
+    return data

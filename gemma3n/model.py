@@ -2,59 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .checkpoint import attach_weights, checkpoint_dtype, read_checkpoint_tensors
-from .config import Gemma3nConfig
+from .config import Gemma3nConfig, read_config_json
+from .devices import resolve_device, resolve_dtype
+from .gemma_config import FAMILIES, GemmaConfig
 from .matformer import MatformerSpec, slice_checkpoint
 from .model_names import resolve_model_name
 from .text_model import KVCache, TextModel
+from .text_model.heads import ModelOutput
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in ("auto",):
-        return None
-    try:
-        return _DTYPES[str(dtype).removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
-
-
-def resolve_device(device: torch.device | str, argument: str = "device") -> torch.device:
-    """``device`` as a torch.device; a string torch cannot parse, or CUDA where there is none, is a ValueError
-    naming ``argument``."""
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"{argument}={device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:1', 'mps', ..."
-        ) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{argument}={device!r}, but torch finds no CUDA device here; use 'cpu'")
-    return resolved
-
-
-@dataclass
-class ModelOutput:
-    """Forward result: ``logits`` [B, T, vocab]."""
-
-    logits: torch.Tensor
+if TYPE_CHECKING:
+    from .heads import FamilyModel
 
 
 class Gemma3n(nn.Module):
@@ -312,13 +276,25 @@ def load(
     ple_device: torch.device | str | None = None,
     quantize: str | None = None,
     matformer: MatformerSpec | dict[str, Any] | str | None = None,
-) -> Gemma3n:
-    """Load a Gemma 3n checkpoint (a directory in the published Hugging Face layout, "tiny-random" or a hub id)
-    onto ``device`` in ``dtype``.
+) -> Gemma3n | FamilyModel:
+    """Load a checkpoint (a directory in the published Hugging Face layout, "tiny-random" or a hub id) onto
+    ``device`` in ``dtype`` (default: the checkpoint's own), as the model its ``config.json`` describes.
 
-    See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device``, ``quantize`` ("int8", "int4", None) and
-    ``matformer``.
+    Gemma 3n gives a :class:`Gemma3n`; Gemma and Gemma 2 give a :class:`gemma3n.heads.CausalLM`,
+    ``SequenceClassifier`` or ``TokenClassifier`` after the config's ``architectures``. ``quantize`` ("int8",
+    "int4", None) applies to all of them. See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device`` and
+    ``matformer``, which are Gemma 3n's (``text_only`` changes nothing for the text-only families).
     """
+    path = resolve_model_name(path)
+    data = read_config_json(path)
+    if data.get("model_type") in FAMILIES:
+        from .heads import load_family_model
+
+        config = GemmaConfig.from_dict(data)
+        for name, value in (("ple_device", ple_device), ("matformer", matformer)):
+            if value is not None:
+                raise ValueError(f"{name}= applies to Gemma 3n checkpoints; {path} holds a {config.model_type} model")
+        return load_family_model(path, config, device=device, dtype=dtype, quantize=quantize)
     return Gemma3n.from_pretrained(
         path,
         device=device,

@@ -9,18 +9,23 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32; ``with_scale=False`` gives the scale-free variant.
 
-    The weight multiplies directly (no ``1 + w`` offset, unlike Gemma 1-3).
+    Gemma 3n multiplies by the weight directly; Gemma and Gemma 2 (``unit_offset=True``) store the weight centred on
+    zero and multiply by ``1 + weight``.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
+        self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        # pow(-0.5) rather than rsqrt: matches the reference's arithmetic bit for bit in fp32.
-        out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        mean_square = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        if self.unit_offset:  # Gemma 1/2 arithmetic: rsqrt, then (1 + w)
+            return (x32 * torch.rsqrt(mean_square) * (1.0 + self.weight.float())).type_as(x)
+        # pow(-0.5) rather than rsqrt: matches the reference's Gemma 3n arithmetic bit for bit in fp32.
+        out = x32 * torch.pow(mean_square, -0.5)
         if self.weight is not None:
             out = out * self.weight.float()
         return out.type_as(x)
@@ -33,3 +38,17 @@ def checkpoint_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
     (it imports torch._dynamo), which every model load would pay.
     """
     return nn.Embedding.from_pretrained(torch.empty(num_embeddings, dim), freeze=False)
+
+
+_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
+
+
+def in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (the reference keeps such constants as tensors of the weight dtype).
+
+    Memoised in a plain dict, so after the first (eager) call it is a lookup that torch.compile can trace.
+    """
+    key = (value, dtype)
+    if key not in _ROUNDED:
+        _ROUNDED[key] = torch.tensor(value, dtype=torch.float32, device="cpu").to(dtype).item()
+    return _ROUNDED[key]

@@ -252,6 +252,7 @@ def quantize_checkpoint(
     device: torch.device | str = "cpu",
     prefix: str = "language_model.",
     group_size: int | None = None,
+    lm_head: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Quantize the text decoder of a model built on the meta device, straight from the checkpoint's tensors.
 
@@ -259,7 +260,8 @@ def quantize_checkpoint(
     checkpoint weight (whose pages are then released), and the LM head gets its own quantized copy of the tied token
     embedding (``TextModel.lm_head``); the embedding tables themselves stay row gathers from the file. Returns the
     tensors to attach: ``tensors`` without the consumed weights, plus the quantized modules' buffers.
-    ``group_size`` (int4) defaults to ``DEFAULT_INT4_GROUP_SIZE``.
+    ``group_size`` (int4) defaults to ``DEFAULT_INT4_GROUP_SIZE``. ``lm_head=False`` (classifier heads) makes no
+    quantized copy of the tied table; an untied LM head (a ``Linear`` named ``lm_head``) is quantized like any layer.
     """
     group_size = group_size or DEFAULT_INT4_GROUP_SIZE
     if mode not in QUANTIZE_MODES:
@@ -277,7 +279,7 @@ def quantize_checkpoint(
         and is_quantizable(module, mode, group_size)
         and f"{prefix}{name}.weight" in remaining  # else attach_weights reports it missing
     }
-    if f"{prefix}embed_tokens.weight" in remaining:
+    if lm_head and "lm_head" not in jobs and f"{prefix}embed_tokens.weight" in remaining:
         jobs["lm_head"] = remaining[f"{prefix}embed_tokens.weight"]  # the tied table stays for the row gathers
     mappings = _file_mappings()
 

@@ -100,7 +100,7 @@ def pipeline(
         if quantize is not None:
             raise ValueError("quantize= applies when loading; pass a checkpoint path, or load(path, quantize=...)")
         if device is not None or dtype is not None:
-            from ..model import resolve_device, resolve_dtype
+            from ..devices import resolve_device, resolve_dtype
 
             model = model.to(device=None if device is None else resolve_device(device), dtype=resolve_dtype(dtype))
     else:

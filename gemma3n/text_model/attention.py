@@ -1,4 +1,6 @@
-"""Self-attention of one decoder layer: q/k/v RMS norms, RoPE, grouped-query SDPA, KV sharing."""
+"""Attention shared by the decoder family: RoPE, grouped-query heads, sliding windows (via the context's masks),
+logit soft-capping, and the KV cache. Gemma and Gemma 2 use :class:`Attention` as is; Gemma 3n's variant (q/k/v
+norms, KV sharing) is :class:`gemma3n.text_model.gemma3n_attention.Gemma3nAttention`."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TextConfig
-from ..modules import RMSNorm
 from .kv_cache import AttentionContext
 from .linear import Linear
 
@@ -28,10 +28,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-class Attention(nn.Module):
-    """Grouped-query attention with scale 1.0 (q and k are RMS-normalised instead)."""
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """Grouped-query attention. q [B, H, T, D], k/v [B, KVH, Lk, D], boolean mask [B, 1, T, Lk] -> [B, H, T, D].
 
-    def __init__(self, config: TextConfig, layer_idx: int):
+    Without ``softcap`` this is SDPA. With it, the scores are capped as ``cap * tanh(scores / cap)`` before the mask
+    and a float32 softmax (Gemma 2); the query heads of each key/value head are folded into the rows of one product,
+    so keys and values are never repeated per head.
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)
+    B, _, T, D = q.shape
+    group = heads // kv_heads
+    scores = q.reshape(B, kv_heads, group * T, D) @ k.transpose(-1, -2) * scale  # [B, KVH, group * T, Lk]
+    scores = (scores / softcap).tanh() * softcap
+    scores = scores.view(B, heads, T, -1).masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs.view(B, kv_heads, group * T, -1) @ v).view(B, heads, T, D)
+
+
+class Attention(nn.Module):
+    """Self-attention of one decoder layer: q/k/v projections, RoPE, the cache, :func:`attend`, output projection."""
+
+    def __init__(
+        self,
+        config,
+        layer_idx: int,
+        *,
+        scale: float,
+        softcap: float | None = None,
+        with_kv: bool = True,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
@@ -39,36 +68,43 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.kv_source = config.kv_source_layer(layer_idx)
-        self.kv_shared = self.kv_source != layer_idx
+        self.scale = scale
+        self.softcap = softcap
         bias = config.attention_bias
         self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        if not self.kv_shared:  # shared layers read another layer's keys/values and own no projections
+        if with_kv:  # Gemma 3n's KV-shared layers read another layer's keys/values and own no projections
             self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
             self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.v_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, with_scale=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [B, T, hidden] -> rotated queries [B, heads, T, head_dim]."""
+        B, T, _ = x.shape
+        return apply_rope(self.q_proj(x).view(B, T, -1, self.head_dim), *rope).transpose(1, 2)
+
+    def keys_values(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        ctx: AttentionContext,
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values in the cache; return what the queries attend over [B, kv_heads, Lk, hd]."""
+        B, T, _ = x.shape
+        k = apply_rope(self.k_proj(x).view(B, T, -1, self.head_dim), *rope).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        return ctx.keys_values(self.layer_idx, self.sliding, k, v)
 
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         ctx: AttentionContext,
-        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden]."""
         B, T, _ = x.shape
-        cos, sin = rope
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), cos, sin).transpose(1, 2)
-        if self.kv_shared:
-            k, v = shared_kv[self.kv_source]  # [B, kvh, Lk, hd], already cached by the source layer
-        else:
-            k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)), cos, sin).transpose(1, 2)
-            v = self.v_norm(self.v_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
-            k, v = ctx.keys_values(self.layer_idx, self.sliding, k, v)
-            shared_kv[self.layer_idx] = (k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.masks[self.layer_type], scale=1.0, enable_gqa=self.num_heads != self.num_kv_heads
-        )  # [B, heads, T, hd]
+        q = self.queries(x, rope)
+        k, v = self.keys_values(x, rope, ctx, shared_kv)
+        out = attend(q, k, v, ctx.masks[self.layer_type], self.scale, self.softcap)  # [B, heads, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

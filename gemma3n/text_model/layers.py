@@ -9,38 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..modules import RMSNorm
-from .attention import Attention
+from ..modules import RMSNorm, in_dtype
+from .gemma3n_attention import Gemma3nAttention
 from .kv_cache import AttentionContext
 from .linear import Linear
+from .mlp import MLP, gelu_tanh
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
-
-
-def in_dtype(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to ``dtype`` (the reference keeps such constants as tensors of the weight dtype).
-
-    Memoised in a plain dict, so after the first (eager) call it is a lookup that torch.compile can trace.
-    """
-    key = (value, dtype)
-    if key not in _ROUNDED:
-        _ROUNDED[key] = torch.tensor(value, dtype=torch.float32, device="cpu").to(dtype).item()
-    return _ROUNDED[key]
-
-
-class MLP(nn.Module):
-    """Gated GELU-tanh MLP; with ``sparsity`` > 0 the gate keeps only values above a Gaussian quantile (top-k proxy)."""
+class SparseMLP(MLP):
+    """Gemma 3n's MLP: with ``sparsity`` > 0 the gate keeps only values above a Gaussian quantile (top-k proxy)."""
 
     def __init__(self, hidden: int, intermediate: int, sparsity: float):
-        super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, bias=False)
-        self.up_proj = Linear(hidden, intermediate, bias=False)
-        self.down_proj = Linear(intermediate, hidden, bias=False)
+        super().__init__(hidden, intermediate)
         self.sparsity = sparsity
         # z-score of the target quantile: a gate value must exceed mean + z * std to survive
         self.z = 0.0
@@ -48,13 +28,13 @@ class MLP(nn.Module):
             p = torch.tensor(sparsity, dtype=torch.float32, device="cpu")
             self.z = (torch.erfinv(2 * p - 1) * math.sqrt(2)).item()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
         if self.sparsity > 0:
             z = in_dtype(self.z, gate.dtype)
             cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * z
             gate = F.relu(gate - cutoff)
-        return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
+        return gate
 
 
 class Laurel(nn.Module):
@@ -117,8 +97,8 @@ class DecoderLayer(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.active = config.altup_active_idx
         self.correct_scale = config.altup_correct_scale
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(hidden, config.intermediate_size[layer_idx], config.activation_sparsity_pattern[layer_idx])
+        self.self_attn = Gemma3nAttention(config, layer_idx)
+        self.mlp = SparseMLP(hidden, config.intermediate_size[layer_idx], config.activation_sparsity_pattern[layer_idx])
         self.input_layernorm = RMSNorm(hidden, eps=eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
         self.pre_feedforward_layernorm = RMSNorm(hidden, eps=eps)

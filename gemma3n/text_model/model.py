@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..modules import RMSNorm, checkpoint_embedding
+from ..modules import RMSNorm, checkpoint_embedding, in_dtype
 from .attention import rope_cos_sin
+from .heads import lm_head_logits
 from .kv_cache import AttentionContext, KVCache
-from .layers import DecoderLayer, in_dtype
-from .linear import Linear, weight_major_product
+from .layers import DecoderLayer
+from .linear import Linear
 
 
 def match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,20 +110,8 @@ class TextModel(nn.Module):
         return self.norm(torch.stack(outs).mean(dim=0))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head with final soft-capping. [B, T, H] -> [B, T, vocab]"""
-        if self.lm_head is not None:  # a separate head (e.g. the quantized copy from gemma3n.quantize)
-            logits = self.lm_head(hidden)
-        elif hidden.device.type == "cpu":
-            # CPU BLAS runs F.linear's shape (few rows against the 262k-row table) as a slow matrix-vector product;
-            # weight @ rows^T streams the table at memory bandwidth: 1.6x (1 row) to 4x (4 rows) faster. The
-            # [n, vocab] result stays a view (no copy of the biggest buffer).
-            logits = weight_major_product(hidden, self.embed_tokens.weight, contiguous=False)
-        else:
-            logits = F.linear(hidden, self.embed_tokens.weight.to(hidden.device))
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = logits.div_(cap).tanh_().mul_(cap)  # in place: the [B, T, 262k] buffer is the big one
-        return logits
+        """Tied LM head (or ``lm_head`` when set) with the final soft-capping. [B, T, H] -> [B, T, vocab]"""
+        return lm_head_logits(hidden, self.embed_tokens.weight, self.lm_head, self.config.final_logit_softcapping)
 
     def forward(
         self,

@@ -1,0 +1,27 @@
+"""One Gemma (1) decoder layer: pre-norm attention and pre-norm gated-GELU MLP, each added to the residual."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..gemma_config import GemmaConfig
+from ..modules import RMSNorm
+from .attention import Attention
+from .kv_cache import AttentionContext
+from .mlp import MLP
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, layer_idx, scale=config.attention_scale)
+        self.mlp = MLP(hidden, config.intermediate_size, exact_gelu=not config.gelu_tanh)
+        self.input_layernorm = RMSNorm(hidden, eps=eps, unit_offset=True)
+        self.post_attention_layernorm = RMSNorm(hidden, eps=eps, unit_offset=True)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        """h [B, T, H] -> [B, T, H]."""
+        h = h + self.self_attn(self.input_layernorm(h), rope, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
