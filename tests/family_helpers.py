@@ -131,12 +131,13 @@ def family_config(family: str, head: str, **overrides: Any) -> Any:
 
 
 @torch.no_grad()
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that predictions differ between tokens and labels (the reference init is near zero)."""
+def _randomize(model: torch.nn.Module, seed: int, scale: float) -> None:
+    """Weights large enough that predictions differ between tokens and labels (the reference init is near zero):
+    normal noise times ``scale``, norm weights (used as 1 + w) times 0.2."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=generator)
-        param.copy_(0.2 * noise if "norm" in name else 0.15 * noise)
+        param.copy_(0.2 * noise if "norm" in name else scale * noise)
 
 
 MODEL_CLASSES = {
@@ -150,10 +151,19 @@ MODEL_CLASSES = {
 
 
 def save_family_checkpoint(
-    tmp_path: str | Path, family: str, head: str, *, seed: int = 0, **config_overrides: Any
+    tmp_path: str | Path,
+    family: str,
+    head: str,
+    *,
+    seed: int = 0,
+    weight_scale: float = 0.15,
+    **config_overrides: Any,
 ) -> tuple[Path, torch.nn.Module]:
     """Build a random transformers Gemma / Gemma 2 model with the given head ("causal", "sequence", "token"),
-    save it with its tokenizer into ``tmp_path / f"{family}-{head}"`` and return (directory, fp32 eval model)."""
+    save it with its tokenizer into ``tmp_path / f"{family}-{head}"`` and return (directory, fp32 eval model).
+
+    ``config_overrides`` change single config settings (``num_labels=1``, ``sliding_window=4``, ...);
+    ``weight_scale`` is the standard deviation of the random weights (larger: less repetitive greedy text)."""
     import transformers
 
     if (family, head) not in MODEL_CLASSES:
@@ -164,7 +174,7 @@ def save_family_checkpoint(
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, MODEL_CLASSES[family, head])(config).float().eval()
-    _randomize(model, seed)
+    _randomize(model, seed, weight_scale)
     directory = Path(tmp_path) / f"{family}-{head}"
     model.save_pretrained(directory)
     make_tokenizer().save_pretrained(directory)

@@ -201,12 +201,15 @@ def test_batches_equal_one_at_a_time(checkpoint, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_generation_matches_transformers(checkpoint, family):
-    path, model = checkpoint(family, "causal")
+    """Greedy, past Gemma 2's window of 6 tokens; plain text (also a left-padded batch of two) and a chat."""
+    path, model = checkpoint(family, "causal", weight_scale=0.5)
     ours = gemma3n.pipeline("text-generation", model=load(path))
     theirs = reference_pipeline("text-generation", path, model)
+    settings = {"max_new_tokens": 8, "do_sample": False}
     for inputs in ("The weather in London is", CHAT):
-        settings = {"max_new_tokens": 8, "do_sample": False}
         assert ours(inputs, **settings) == theirs(inputs, **settings)
+    prompts = ["The weather in London is", "Tell me a short story about"]
+    assert ours(prompts, batch_size=2, **settings) == theirs(prompts, **settings)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
@@ -230,7 +233,7 @@ def test_task_and_head_mismatch(checkpoint):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_generate(checkpoint, family, capsys, tmp_path):
-    path, _ = checkpoint(family, "causal")
+    path, _ = checkpoint(family, "causal", weight_scale=0.5)  # the generation test's checkpoint
     question = "Tell me a short story about a cat."
     assert cli.main(["generate", "--model", str(path), "--device", "cpu", "--max-new-tokens", "6", question]) == 0
     printed = capsys.readouterr().out
