@@ -788,9 +788,15 @@ def add_generate_parser(commands: Any) -> None:
     generate = _command_parser(commands, "generate", "answer a prompt (with images / audio), streamed to stdout")
     generate.add_argument("prompt", metavar="PROMPT", help="the question or instruction")
     _add_model_options(generate)
-    generate.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    generate.add_argument("--audio", action="append", default=[], metavar="PATH", help="an audio file (repeatable)")
-    generate.add_argument("--system", default=None, help="a system instruction")
+    generate.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image (repeatable; Gemma 3n checkpoints)"
+    )
+    generate.add_argument(
+        "--audio", action="append", default=[], metavar="PATH", help="an audio file (repeatable; Gemma 3n checkpoints)"
+    )
+    generate.add_argument(
+        "--system", default=None, help="a system instruction (the Gemma / Gemma 2 chat templates refuse one)"
+    )
     generate.add_argument(
         "--do-sample",
         action="store_true",

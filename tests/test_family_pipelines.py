@@ -254,6 +254,8 @@ def test_cli_generate(checkpoint, family, capsys, tmp_path):
         captured = capsys.readouterr()
         assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
         assert f"{argv[0]} need a Gemma 3n checkpoint" in captured.err and "text-only" in captured.err
+    assert cli.main(["generate", "--model", str(path), "--device", "cpu", "--system", "Be brief.", "hi"]) == 2
+    assert "System role not supported" in capsys.readouterr().err  # the checkpoint's template refuses it
     sequence, _ = checkpoint(family, "sequence")
     assert cli.main(["generate", "--model", str(sequence), "--device", "cpu", "hi"]) == 2
     assert "text-classification checkpoint" in capsys.readouterr().err
