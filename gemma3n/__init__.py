@@ -1,4 +1,4 @@
-"""gemma3n: PyTorch-native inference for Google's Gemma 3n models.
+"""gemma3n: PyTorch-native inference for Google's Gemma 3n models (and Gemma, Gemma 2 text models).
 
 import gemma3n
 model = gemma3n.load("path/to/gemma-3n-E2B-it", device="cuda", dtype="bfloat16")
@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY = {
     "Gemma3n": ".model",
+    "CausalLM": ".heads",
+    "SequenceClassifier": ".heads",
+    "TokenClassifier": ".heads",
+    "GemmaConfig": ".gemma_config",
     "load": ".model",
     "Gemma3nConfig": ".config",
     "GenerationConfig": ".generation",
@@ -27,10 +31,14 @@ _LAZY = {
 }
 
 __all__ = [
+    "CausalLM",
     "Gemma3n",
     "Gemma3nConfig",
+    "GemmaConfig",
     "GenerationConfig",
     "Processor",
+    "SequenceClassifier",
+    "TokenClassifier",
     "load",
     "pipeline",
     "resolve_model_name",
@@ -39,7 +47,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .config import Gemma3nConfig
+    from .gemma_config import GemmaConfig
     from .generation import GenerationConfig
+    from .heads import CausalLM, SequenceClassifier, TokenClassifier
     from .model import Gemma3n, load
     from .model_names import resolve_model_name
     from .pipelines import pipeline

@@ -291,7 +291,7 @@ class Gemma3nConfig:
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"config.json: model_type is {model_type!r}, which this package cannot load; "
-                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} (and gemma, gemma2 through gemma3n.load)"
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}, gemma, gemma2"
             )
         architectures = data.get("architectures") or []
         text_only = "text_config" not in data and (

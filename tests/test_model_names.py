@@ -60,24 +60,25 @@ def test_hub_failure_recommends_the_current_login_command(monkeypatch):
 
 
 def test_a_checkpoint_of_another_model_type_is_named(tmp_path):
-    """A Gemma 2 checkpoint written by transformers: the error says what it is and what is supported, before any
+    """A Llama checkpoint written by transformers: the error says what it is and what is supported, before any
     tensor is looked at."""
     import transformers
 
-    config = transformers.Gemma2Config(
+    config = transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=8,
     )
-    transformers.Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(ConfigError) as info:
         gemma3n.load(tmp_path)
     message = str(info.value)
-    assert "model_type is 'gemma2'" in message and "supported model types: gemma3n, gemma3n_text" in message
+    assert (
+        "model_type is 'llama'" in message and "supported model types: gemma3n, gemma3n_text, gemma, gemma2" in message
+    )
     assert "missing" not in message
 
 
