@@ -216,9 +216,20 @@ class ResultLog:
 
 def load_pipeline(task: str, args: argparse.Namespace, *, text_only: bool = False) -> Any:
     """Resolve ``--model`` and build the pipeline; every failure becomes a one-line CliError."""
+    from .pipelines import TASKS
+
+    model = load_model(args, text_only=text_only)
+    try:
+        return TASKS[task](model, batch_size=getattr(args, "batch_size", 1), progress=False)
+    except ValueError as err:  # the checkpoint's head does not fit the task
+        raise CliError(_one_line(err)) from None
+
+
+def load_model(args: argparse.Namespace, *, text_only: bool = False) -> Any:
+    """Resolve ``--model`` and load it; every failure becomes a one-line CliError."""
     from .model import load
     from .model_names import ModelNotFoundError, resolve_model_name
-    from .pipelines import TASKS, default_device
+    from .pipelines import default_device
 
     try:
         path = resolve_model_name(args.model)
@@ -234,7 +245,7 @@ def load_pipeline(task: str, args: argparse.Namespace, *, text_only: bool = Fals
         )
     except Exception as err:  # config, weights, device or dtype problems: all reported in one line
         raise CliError(f"cannot load model {args.model!r}: {_one_line(err)}") from None
-    return TASKS[task](model, batch_size=getattr(args, "batch_size", 1), progress=False)
+    return model
 
 
 def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -601,18 +612,27 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    content: list[dict] = [{"type": "image", "image": p} for p in args.image]
-    content += [{"type": "audio", "audio": p} for p in args.audio]
     for path in [*args.image, *args.audio]:
         if not Path(path).is_file() and not path.startswith(("http://", "https://")):
             raise CliError(f"no such file: {path!r}")
-    content.append({"type": "text", "text": args.prompt})
-    messages: list[dict] = []
-    if args.system:
-        messages.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
-    messages.append({"role": "user", "content": content})
     text_only = not (args.image or args.audio)
-    pipe = load_pipeline("text-generation" if text_only else "image-text-to-text", args, text_only=text_only)
+    messages: list[dict] = []
+    if text_only:  # plain-string content: what the text-only (Gemma, Gemma 2) chat templates read
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        messages.append({"role": "user", "content": args.prompt})
+    else:
+        content: list[dict] = [{"type": "image", "image": p} for p in args.image]
+        content += [{"type": "audio", "audio": p} for p in args.audio]
+        content.append({"type": "text", "text": args.prompt})
+        if args.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
+        messages.append({"role": "user", "content": content})
+    model = load_model(args, text_only=text_only)
+    _check_generates(model, args)
+    from .pipelines import TASKS
+
+    pipe = TASKS["text-generation" if text_only else "image-text-to-text"](model, progress=False)
     settings = _generation_settings(args)
     try:
         pieces = pipe.stream(messages, **settings) if text_only else pipe.stream(text=messages, **settings)
@@ -624,6 +644,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     return 0
+
+
+def _check_generates(model: Any, args: argparse.Namespace) -> None:
+    """A model that cannot answer this request (a classifier; images / audio for a text-only model) is a CliError."""
+    from .pipelines.base import architecture, model_task
+
+    task = model_task(model)
+    if task not in ("text-generation", "multimodal"):
+        raise CliError(
+            f"{args.model} is a {task} checkpoint ({architecture(model)}); generate needs a causal language model "
+            "(...ForCausalLM) or a Gemma 3n checkpoint"
+        )
+    media = [option for option, given in (("--image", args.image), ("--audio", args.audio)) if given]
+    if media and task != "multimodal":
+        raise CliError(
+            f"{' and '.join(media)} need a Gemma 3n checkpoint, but {args.model} is a text-only model "
+            f"({architecture(model)}); drop {' / '.join(media)} or use a Gemma 3n checkpoint"
+        )
 
 
 # ---- parser -----------------------------------------------------------------------------------------------------
@@ -750,9 +788,15 @@ def add_generate_parser(commands: Any) -> None:
     generate = _command_parser(commands, "generate", "answer a prompt (with images / audio), streamed to stdout")
     generate.add_argument("prompt", metavar="PROMPT", help="the question or instruction")
     _add_model_options(generate)
-    generate.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    generate.add_argument("--audio", action="append", default=[], metavar="PATH", help="an audio file (repeatable)")
-    generate.add_argument("--system", default=None, help="a system instruction")
+    generate.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image (repeatable; Gemma 3n checkpoints)"
+    )
+    generate.add_argument(
+        "--audio", action="append", default=[], metavar="PATH", help="an audio file (repeatable; Gemma 3n checkpoints)"
+    )
+    generate.add_argument(
+        "--system", default=None, help="a system instruction (the Gemma / Gemma 2 chat templates refuse one)"
+    )
     generate.add_argument(
         "--do-sample",
         action="store_true",

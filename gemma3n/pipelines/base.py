@@ -106,6 +106,7 @@ class Pipeline:
         progress: bool | None = None,
         **defaults: Any,
     ):
+        check_model_task(model, self.task)
         self.model = model
         self._processor = processor
         self.batch_size = _check_batch_size(batch_size)
@@ -287,10 +288,7 @@ class Pipeline:
             on_batch([p for _, p in batch])
 
     def _progress_bar(self, total: int | None, batch_size: int, progress: bool | None) -> Any:
-        from tqdm.auto import tqdm
-
-        show = progress if progress is not None else (_stderr_is_tty() and (total is None or total > batch_size))
-        return tqdm(total=total, disable=not show, desc=self.task, unit="input", file=sys.stderr, leave=False)
+        return progress_bar(self.task, total, batch_size, progress)
 
     # ---- streaming ----------------------------------------------------------------------------------------------
     def _stream_prompt(self, prompt: Prompt, gen: dict[str, Any]) -> Iterator[str]:
@@ -309,6 +307,48 @@ class Pipeline:
     def __repr__(self) -> str:
         path = getattr(self.model, "path", None)
         return f"{type(self).__name__}(task={self.task!r}, model={str(path) if path else 'in memory'!r})"
+
+
+def progress_bar(task: str, total: int | None, batch_size: int, progress: bool | None) -> Any:
+    """A tqdm bar over inputs on stderr; by default shown on a terminal when there is more than one batch."""
+    from tqdm.auto import tqdm
+
+    show = progress if progress is not None else (_stderr_is_tty() and (total is None or total > batch_size))
+    return tqdm(total=total, disable=not show, desc=task, unit="input", file=sys.stderr, leave=False)
+
+
+def model_task(model: Any) -> str:
+    """What a loaded model does: its ``task`` ("text-generation", "text-classification", "token-classification"),
+    or "multimodal" for a Gemma 3n model (generation from text, images and audio)."""
+    return getattr(model, "task", None) or "multimodal"
+
+
+def architecture(model: Any) -> str:
+    """The checkpoint's architecture name (config.json "architectures"), else the model class name."""
+    config = getattr(model, "config", None)
+    names = getattr(config, "architectures", None) or getattr(config, "extra", {}).get("architectures")
+    if isinstance(names, (list, tuple)) and names:
+        return str(names[0])
+    return str(names) if isinstance(names, str) else type(model).__name__
+
+
+# The model tasks each pipeline task accepts, and the checkpoint it needs otherwise (for the error message).
+_ACCEPTS = {
+    "text-generation": ({"text-generation", "multimodal"}, "a causal LM (...ForCausalLM) or Gemma 3n checkpoint"),
+    "text-classification": ({"text-classification"}, "a ...ForSequenceClassification checkpoint"),
+    "token-classification": ({"token-classification"}, "a ...ForTokenClassification checkpoint"),
+}
+
+
+def check_model_task(model: Any, task: str) -> None:
+    """A one-line error when the model's head does not fit the pipeline task (e.g. a sequence classifier given to
+    "text-generation", or a text-only Gemma 2 to "image-text-to-text")."""
+    accepted, needed = _ACCEPTS.get(task, ({"multimodal"}, "a Gemma 3n checkpoint (text-only models take no media)"))
+    found = model_task(model)
+    if found not in accepted:
+        where = getattr(model, "path", None)
+        name = f"{where} ({architecture(model)})" if where else architecture(model)
+        raise ValueError(f"the {task} pipeline needs {needed}, but {name} is a {found} model")
 
 
 def _config_part(gen: dict[str, Any]) -> dict[str, Any]:

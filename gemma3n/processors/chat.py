@@ -94,10 +94,19 @@ def default_template_text() -> str:
 
 
 def find_template(directory: Path) -> tuple[str, str]:
-    """Return (template text, where it came from) for a checkpoint directory.
+    """Return (template text, where it came from) for a checkpoint directory: the checkpoint's own template (see
+    :func:`checkpoint_template`), else the Gemma 3n default shipped with gemma3n."""
+    found = checkpoint_template(directory)
+    if found is not None:
+        return found
+    return default_template_text(), f"gemma3n/templates/{DEFAULT_TEMPLATE_NAME} (default)"
 
-    Order: chat_template.jinja, chat_template.json ({"chat_template": ...}), tokenizer_config.json["chat_template"],
-    then the default shipped with gemma3n. A list of named templates picks the one named "default".
+
+def checkpoint_template(directory: Path) -> tuple[str, str] | None:
+    """(template text, file) of the chat template a checkpoint directory holds, or None.
+
+    Order: chat_template.jinja, chat_template.json ({"chat_template": ...}), tokenizer_config.json["chat_template"].
+    A list of named templates picks the one named "default".
     """
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
@@ -115,7 +124,7 @@ def find_template(directory: Path) -> tuple[str, str]:
         if not isinstance(value, str):
             raise ConfigError(f'{path}: "chat_template" must be a template string (or a list holding "default")')
         return value, str(path)
-    return default_template_text(), f"gemma3n/templates/{DEFAULT_TEMPLATE_NAME} (default)"
+    return None
 
 
 SUPPORTED_PART_TYPES = ("text", "image", "audio")  # what Gemma 3n's processor and chat template take

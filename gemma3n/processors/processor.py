@@ -1,4 +1,4 @@
-"""Gemma 3n processor: conversations / text + images + audio -> the model's input tensors.
+"""Gemma processor: conversations / text + images + audio -> the model's input tensors.
 
     processor = Processor.from_pretrained("path/to/checkpoint")
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -10,6 +10,10 @@ Each `<image_soft_token>` placeholder in the prompt becomes "\\n\\n<start_of_ima
 the reference Gemma3nProcessor expands them, before tokenization. Outputs input_ids, attention_mask and
 token_type_ids (1 on image, 3 on audio soft tokens) like the reference; padding / truncation follow transformers'
 tokenizer rules (see text_settings.py).
+
+Text-only checkpoints (Gemma, Gemma 2: a tokenizer without image / audio tokens and no image / audio settings) give a
+text-only processor: the tokenizer and the checkpoint's chat template, input_ids and attention_mask out (as their
+reference tokenizer returns), and a one-line error for images or audio.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ import torch
 
 from ..model_names import resolve_model_name
 from .audio import AudioFeatureExtractor, AudioSettings, frames_per_soft_token, longest_clip_samples
-from .chat import ChatTemplate, chat_media, default_template_text, find_template, normalize_messages
+from .chat import (
+    ChatTemplate,
+    chat_media,
+    checkpoint_template,
+    default_template_text,
+    find_template,
+    normalize_messages,
+)
 from .files import ConfigError, get_int, get_section, read_json
 from .image import ImageProcessor, ImageSettings
 from .text_settings import TextSettings, pad_rows, shifted_position
@@ -108,7 +119,8 @@ _CALL_ARGUMENTS = frozenset(
 
 
 class Processor:
-    """Tokenizer + chat template + image processor + audio feature extractor for Gemma 3n."""
+    """Tokenizer + chat template + image processor + audio feature extractor for Gemma 3n; tokenizer + chat template
+    alone for text-only checkpoints (`text_only`: the tokenizer has no image / audio tokens)."""
 
     # The audio encoder's log-mel frames per soft token and soft tokens per clip, which bound the longest clip;
     # from_pretrained takes them from the checkpoint's config.json (published: 2 x 2 x 4 = 16 and 188).
@@ -123,13 +135,25 @@ class Processor:
         chat_template: ChatTemplate | None = None,
         image_seq_length: int = 256,
         audio_seq_length: int = 188,
+        name: str = "processor",
     ):
         self.tokenizer = tokenizer
+        self.name = name  # where it was read from, for error messages
+        self.text_only = not tokenizer.has_media_tokens
+        self.image_seq_length = image_seq_length
+        self.audio_seq_length = audio_seq_length
+        if self.text_only:
+            if image_processor is not None or feature_extractor is not None:
+                missing = ", ".join(tokenizer.missing_media_tokens)
+                raise ValueError(f"an image processor / audio feature extractor needs a tokenizer with {missing}")
+            self.image_processor: ImageProcessor | None = None
+            self.feature_extractor: AudioFeatureExtractor | None = None
+            self.chat_template: ChatTemplate | None = chat_template  # None: the checkpoint has none
+            self.full_image_sequence = self.full_audio_sequence = ""
+            return
         self.image_processor = image_processor or ImageProcessor()
         self.feature_extractor = feature_extractor or AudioFeatureExtractor()
         self.chat_template = chat_template or ChatTemplate(default_template_text(), "gemma3n default template")
-        self.image_seq_length = image_seq_length
-        self.audio_seq_length = audio_seq_length
         t = tokenizer
         self.full_image_sequence = f"\n\n{t.boi_token}{t.image_token * image_seq_length}{t.eoi_token}\n\n"
         self.full_audio_sequence = f"\n\n{t.boa_token}{t.audio_token * audio_seq_length}{t.eoa_token}\n\n"
@@ -145,6 +169,8 @@ class Processor:
         Image / audio settings: the `image_processor` / `feature_extractor` sections of processor_config.json,
         or the published layout (one flat preprocessor_config.json with both, beside a processor_config.json
         holding image_seq_length / audio_seq_length). Without any of these files, the published values are used.
+        A checkpoint whose tokenizer has no image / audio tokens and that has none of these files (Gemma, Gemma 2)
+        gives a text-only processor with the checkpoint's chat template (none if it has none).
         """
         directory = resolve_model_name(path, kind="processor", required_file=None)
         processor_file = directory / "processor_config.json"
@@ -172,16 +198,27 @@ class Processor:
             _check_type(audio_section, "feature_extractor_type", FEATURE_EXTRACTOR_TYPES, audio_source)
             audio_settings = AudioSettings.from_dict(audio_section, audio_source)
 
-        template_text, template_source = find_template(directory)
         image_seq_length = get_int(processor_config, "image_seq_length", 256, psource, minimum=1)
         audio_seq_length = get_int(processor_config, "audio_seq_length", 188, psource, minimum=1)
+        tokenizer = Tokenizer.from_pretrained(directory)  # after the cheap checks: the slowest part
+        if not tokenizer.has_media_tokens:
+            media_files = [f.name for f in (processor_file, preprocessor_file) if f.is_file()]
+            if media_files:
+                raise ConfigError(
+                    f"{directory}: {' and '.join(media_files)} describe image / audio input, but the tokenizer has "
+                    f"no {', '.join(tokenizer.missing_media_tokens)}"
+                )
+            found = checkpoint_template(directory)
+            return cls(tokenizer, chat_template=ChatTemplate(*found) if found else None, name=str(directory))
+        template_text, template_source = find_template(directory)
         processor = cls(
-            Tokenizer.from_pretrained(directory),  # last: the slowest part, after the cheap checks
+            tokenizer,
             ImageProcessor(image_settings),
             AudioFeatureExtractor(audio_settings),
             ChatTemplate(template_text, template_source),
             image_seq_length=image_seq_length,
             audio_seq_length=audio_seq_length,
+            name=str(directory),
         )
         processor._read_audio_limits(directory / "config.json")
         return processor
@@ -201,6 +238,8 @@ class Processor:
     @property
     def max_audio_samples(self) -> int:
         """The longest clip (in samples at the extractor's rate) whose soft tokens fit the checkpoint's count."""
+        if self.feature_extractor is None:
+            self._refuse_media("audio")
         tokens = min(self.audio_seq_length, self.audio_soft_tokens_per_clip or self.audio_seq_length)
         return longest_clip_samples(tokens, self.audio_frames_per_token, self.feature_extractor.settings)
 
@@ -282,6 +321,8 @@ class Processor:
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         image_list, per_prompt = _flatten_images(images)
         audio_list = _flatten_audio(audio)
+        if self.text_only and (image_list or audio_list):
+            self._refuse_media("images" if image_list else "audio")
         if text is None:
             if not image_list and not audio_list:
                 raise ValueError("provide at least one of text, images or audio")
@@ -293,7 +334,10 @@ class Processor:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("text must be a string or a list of strings")
 
-        self._check_counts(prompts, image_list, per_prompt, audio_list)
+        if not self.text_only:
+            self._check_counts(prompts, image_list, per_prompt, audio_list)
+        if return_token_type_ids is None and self.text_only:
+            return_token_type_ids = False  # a text-only tokenizer returns input_ids and attention_mask only
         settings = TextSettings.resolve(
             padding, truncation, max_length, pad_to_multiple_of, padding_side, self.tokenizer
         )
@@ -320,6 +364,12 @@ class Processor:
             out["input_features_mask"] = mask  # [n_audio, frames] bool
         return out
 
+    def _refuse_media(self, kind: str) -> None:
+        raise ValueError(
+            f"{self.name} is a text-only checkpoint (its tokenizer has no image or audio tokens): {kind} cannot be "
+            "given; use a Gemma 3n checkpoint for images and audio"
+        )
+
     def _check_counts(
         self, prompts: list[str], images: list[Any], per_prompt: list[int] | None, audio: list[Any]
     ) -> None:
@@ -345,6 +395,8 @@ class Processor:
     def _expand(self, prompt: str) -> tuple[str, list[tuple[int, int]]]:
         """The prompt with each placeholder replaced by its full soft-token run, and the shifts that moves later
         characters by: [(end of the placeholder in the prompt, characters added)], in order."""
+        if self.text_only:
+            return prompt, []
         runs = {self.image_token: self.full_image_sequence, self.audio_token: self.full_audio_sequence}
         pattern = "|".join(re.escape(token) for token in runs)
         shifts = [(m.end(), len(runs[m.group()]) - len(m.group())) for m in re.finditer(pattern, prompt)]
@@ -366,12 +418,12 @@ class Processor:
         encoded = self.tokenizer.encode_batch_with_offsets(
             [text for text, _ in expanded], add_special_tokens=add_special_tokens, max_length=settings.truncate_to
         )
-        kinds = {self.image_token_id: 1, self.audio_token_id: 3}
+        kinds = {} if self.text_only else {self.image_token_id: 1, self.audio_token_id: 3}
         rows: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
         if generation_spans is not None:
             rows["assistant_masks"] = []
         for i, (ids, offsets) in enumerate(encoded):
-            if settings.truncate_to is not None:
+            if settings.truncate_to is not None and not self.text_only:
                 self._check_soft_tokens_kept(i, prompts[i], ids, settings.truncate_to)
             rows["input_ids"].append(ids)
             rows["attention_mask"].append([1] * len(ids))
@@ -445,7 +497,17 @@ class Processor:
             raise ValueError("conversation must be a non-empty list of messages (or a list of conversations)")
         batched = isinstance(conversation[0], (list, tuple))
         conversations = [normalize_messages(c) for c in (conversation if batched else [conversation])]
+        if self.text_only:
+            for conv in conversations:
+                images_here, audio_here = chat_media(conv)
+                if images_here or audio_here:
+                    self._refuse_media("images" if images_here else "audio")
         template = ChatTemplate(chat_template, "chat_template argument") if chat_template else self.chat_template
+        if template is None:
+            raise ValueError(
+                f'{self.name} has no chat template (no chat_template.jinja, chat_template.json or "chat_template" in '
+                "tokenizer_config.json): pass chat_template=, or give plain text"
+            )
         template_variables = template.variables
         call_kwargs = dict(processor_kwargs or {})
         variables: dict[str, Any] = dict(self.tokenizer.special_tokens)
@@ -531,8 +593,10 @@ class Processor:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
 
     def __repr__(self) -> str:
+        template = None if self.chat_template is None else self.chat_template.source
+        if self.text_only:
+            return f"Processor({self.tokenizer!r}, text only, chat_template={template!r})"
         s = self.image_processor.settings
-        template = self.chat_template.source
         return (
             f"Processor({self.tokenizer!r}, image={s.height}x{s.width}, image_seq_length={self.image_seq_length}, "
             f"audio_seq_length={self.audio_seq_length}, chat_template={template!r})"

@@ -1,12 +1,15 @@
-"""Gemma 3n tokenizer: a thin wrapper around `tokenizers.Tokenizer` read from a checkpoint's tokenizer files.
+"""Gemma tokenizer: a thin wrapper around `tokenizers.Tokenizer` read from a checkpoint's tokenizer files.
 
 The wrapper owns what the `tokenizers` backend does not: which ids are the special tokens (read from
 tokenizer_config.json), whether BOS/EOS are added, and batch padding (left by default, for generation).
+The same class serves Gemma 3n and the text-only Gemma / Gemma 2 checkpoints, whose vocabularies have no image or
+audio tokens: a special token that the files do not name and the vocabulary lacks is simply absent (None).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,19 @@ SPECIAL_TOKENS: dict[str, tuple[str, str]] = {
     "start_of_turn_token": ("start_of_turn_token", "<start_of_turn>"),
     "end_of_turn_token": ("end_of_turn_token", "<end_of_turn>"),
 }
+# Every Gemma vocabulary has these; the others may be missing (text-only checkpoints, custom vocabularies).
+REQUIRED_TOKENS = frozenset({"bos_token", "eos_token", "pad_token", "unk_token"})
+MEDIA_TOKENS = ("image_token", "boi_token", "eoi_token", "audio_token", "boa_token", "eoa_token")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One tokenized string: ids, the character [start, end) of each token in the string ((0, 0) for the BOS / EOS
+    the tokenizer added) and 1 where the tokenizer added a token (BOS / EOS; not special-token text in the input)."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    special_mask: list[int]
 
 
 def _token_text(value: Any, key: str, source: str) -> str:
@@ -44,11 +60,13 @@ def _token_text(value: Any, key: str, source: str) -> str:
 
 
 class Tokenizer:
-    """Text <-> token ids for Gemma 3n, with the special token ids as attributes.
+    """Text <-> token ids for Gemma models, with the special token ids as attributes.
 
     Attributes such as `bos_token_id`, `eos_token_id`, `pad_token_id`, `image_token_id`, `audio_token_id`,
     `boi_token_id`, `eoi_token_id`, `boa_token_id`, `eoa_token_id`, `start_of_turn_token_id` and
-    `end_of_turn_token_id` hold the ids; the same names without `_id` hold the token text.
+    `end_of_turn_token_id` hold the ids; the same names without `_id` hold the token text. BOS, EOS, pad and unk
+    must be in the vocabulary, as must every token named in `special_tokens`; a default-named image / audio / turn
+    token the vocabulary lacks is None (text-only checkpoints: see `has_media_tokens`).
     """
 
     def __init__(
@@ -75,41 +93,55 @@ class Tokenizer:
         self.padding_side = padding_side
         self.truncation_side = truncation_side
         self.model_max_length = model_max_length  # None: no limit of its own (the published value is 1e30)
-        tokens = {name: default for name, (_, default) in SPECIAL_TOKENS.items()}
-        tokens.update(special_tokens or {})
+        named = dict(special_tokens or {})
+        tokens = {name: named.get(name, default) for name, (_, default) in SPECIAL_TOKENS.items()}
+        tokens.update(named)
+        present: dict[str, str] = {}
         for name, text in tokens.items():
             token_id = backend.token_to_id(text)
-            if token_id is None:
+            if token_id is None and (name in named or name in REQUIRED_TOKENS):
                 raise ConfigError(f"{source}: special token {name}={text!r} is not in the tokenizer vocabulary")
-            setattr(self, name, text)
+            setattr(self, name, None if token_id is None else text)
             setattr(self, f"{name}_id", token_id)
-        self.special_tokens = tokens
+            if token_id is not None:
+                present[name] = text
+        self.special_tokens = present  # the special tokens this vocabulary has (chat templates see them)
 
     # Declared for type checkers; set in __init__ from SPECIAL_TOKENS.
     bos_token_id: int
     eos_token_id: int
     pad_token_id: int
     unk_token_id: int
-    image_token_id: int
-    boi_token_id: int
-    eoi_token_id: int
-    audio_token_id: int
-    boa_token_id: int
-    eoa_token_id: int
-    start_of_turn_token_id: int
-    end_of_turn_token_id: int
+    image_token_id: int | None
+    boi_token_id: int | None
+    eoi_token_id: int | None
+    audio_token_id: int | None
+    boa_token_id: int | None
+    eoa_token_id: int | None
+    start_of_turn_token_id: int | None
+    end_of_turn_token_id: int | None
     bos_token: str
     eos_token: str
     pad_token: str
     unk_token: str
-    image_token: str
-    boi_token: str
-    eoi_token: str
-    audio_token: str
-    boa_token: str
-    eoa_token: str
-    start_of_turn_token: str
-    end_of_turn_token: str
+    image_token: str | None
+    boi_token: str | None
+    eoi_token: str | None
+    audio_token: str | None
+    boa_token: str | None
+    eoa_token: str | None
+    start_of_turn_token: str | None
+    end_of_turn_token: str | None
+
+    @property
+    def has_media_tokens(self) -> bool:
+        """Whether the vocabulary has every image and audio token (Gemma 3n's; not Gemma's or Gemma 2's)."""
+        return all(getattr(self, f"{name}_id") is not None for name in MEDIA_TOKENS)
+
+    @property
+    def missing_media_tokens(self) -> list[str]:
+        """The image / audio tokens (as named by default) the vocabulary lacks."""
+        return [SPECIAL_TOKENS[name][1] for name in MEDIA_TOKENS if getattr(self, f"{name}_id") is None]
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -224,6 +256,26 @@ class Tokenizer:
             out.append((ids, offsets))
         return out
 
+    def encode_with_offsets(
+        self, texts: Sequence[str], add_special_tokens: bool = True, max_length: int | None = None
+    ) -> list[Encoding]:
+        """:meth:`encode_batch_with_offsets` with a mask of the tokens the tokenizer added (what token
+        classification skips), one :class:`Encoding` per string."""
+        n_bos = int(self.add_bos_token and add_special_tokens)
+        n_eos = int(self.add_eos_token and add_special_tokens)
+        out = []
+        for ids, offsets in self.encode_batch_with_offsets(texts, add_special_tokens, max_length):
+            mask = [0] * len(ids)
+            mask[:n_bos] = [1] * n_bos
+            if n_eos:
+                mask[-1] = 1
+            out.append(Encoding(ids, offsets, mask))
+        return out
+
+    def encode_pair(self, text: str, text_pair: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of a text pair: each part with its own BOS / EOS, as Gemma tokenizers join pairs."""
+        return self.encode(text, add_special_tokens) + self.encode(text_pair, add_special_tokens)
+
     def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, list]:
         """Unpadded ids and masks, for one string or a list of strings."""
         if isinstance(text, str):
@@ -283,6 +335,11 @@ class Tokenizer:
         return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
 
     # ---- vocabulary -----------------------------------------------------------------------------------------
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        """Text of a list of token strings (as :meth:`id_to_token` gives them), through the tokenizer's decoder."""
+        decoder = self.backend.decoder
+        return decoder.decode(list(tokens)) if decoder is not None else " ".join(tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
