@@ -11,8 +11,8 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -59,40 +59,46 @@ def weight_files(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def _read_header(file: Path) -> tuple[dict, int]:
+def _explain_refusal(file: Path, err: Exception) -> CheckpointError:
+    """Name what is wrong with a file the safetensors library refused: truncated, corrupt header or dtype."""
     size = file.stat().st_size
     with open(file, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{file} is truncated: {size} bytes, too short for a safetensors header")
+            return CheckpointError(f"{file} is truncated: {size} bytes, too short for a safetensors header")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
-            raise CheckpointError(f"{file} is truncated or corrupt: header of {header_len} bytes in a {size}-byte file")
+            return CheckpointError(
+                f"{file} is truncated or corrupt: header of {header_len} bytes in a {size}-byte file"
+            )
         try:
             header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{file} has a corrupt safetensors header: {err}") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if data_start + end > size:
-        raise CheckpointError(f"{file} is truncated: its header needs {data_start + end} bytes but the file has {size}")
-    return header, data_start
+            header.pop("__metadata__", None)
+            end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError) as bad:
+            return CheckpointError(f"{file} has a corrupt safetensors header: {bad!r}")
+    needed = 8 + header_len + end
+    if needed > size:
+        return CheckpointError(f"{file} is truncated: its header needs {needed} bytes but the file has {size}")
+    for name, info in header.items():
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            return CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {info.get('dtype')}")
+    return CheckpointError(f"{file} is not a valid safetensors file: {err}")
 
 
 def _open_file(file: Path) -> dict[str, torch.Tensor]:
-    header, data_start = _read_header(file)
-    if not header:
-        return {}
-    buffer = np.memmap(file, dtype=np.uint8, mode="c")  # copy-on-write: pages shared until written
+    """Every tensor of one safetensors file, each a view of the library's copy-on-write memory map of the file."""
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise _explain_refusal(file, err) from None
     tensors = {}
-    for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        start, stop = info["data_offsets"]
-        raw = torch.from_numpy(buffer[data_start + start : data_start + stop])
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    with handle:
+        for name in handle.keys():
+            kind = handle.get_slice(name).get_dtype()
+            if kind not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {kind}")
+            tensors[name] = handle.get_tensor(name)  # a view of the mapping, which lives while any tensor does
     return tensors
 
 
