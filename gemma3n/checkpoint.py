@@ -7,12 +7,14 @@ is a zero-copy view of a memory map, and a truncated or corrupt file is reported
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -59,46 +61,79 @@ def weight_files(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def _explain_refusal(file: Path, err: Exception) -> CheckpointError:
-    """Name what is wrong with a file the safetensors library refused: truncated, corrupt header or dtype."""
+class _Entry(NamedTuple):
+    """One tensor of a safetensors header: its dtype, shape and byte range in the data section."""
+
+    dtype: torch.dtype
+    shape: list[int]
+    start: int
+    stop: int
+
+
+def _parse_entries(file: Path, header: object) -> dict[str, dict]:
+    """The header's tensor entries, checked for the fields every entry needs (a corrupt header is named)."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt safetensors header: a JSON {type(header).__name__}, not an object")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+            and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+        ):
+            raise CheckpointError(f"{file} has a corrupt safetensors header: bad entry for tensor '{name}': {info}")
+    return header
+
+
+def _read_header(file: Path) -> tuple[dict[str, _Entry], int]:
+    """Every tensor entry of ``file`` and where its data section starts, validated against the file's size."""
     size = file.stat().st_size
     with open(file, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            return CheckpointError(f"{file} is truncated: {size} bytes, too short for a safetensors header")
+            raise CheckpointError(f"{file} is truncated: {size} bytes, too short for a safetensors header")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
-            return CheckpointError(
-                f"{file} is truncated or corrupt: header of {header_len} bytes in a {size}-byte file"
-            )
+            raise CheckpointError(f"{file} is truncated or corrupt: header of {header_len} bytes in a {size}-byte file")
         try:
             header = json.loads(fh.read(header_len))
-            header.pop("__metadata__", None)
-            end = max((info["data_offsets"][1] for info in header.values()), default=0)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError) as bad:
-            return CheckpointError(f"{file} has a corrupt safetensors header: {bad!r}")
-    needed = 8 + header_len + end
-    if needed > size:
-        return CheckpointError(f"{file} is truncated: its header needs {needed} bytes but the file has {size}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{file} has a corrupt safetensors header: {err}") from None
+    header = _parse_entries(file, header)
+    data_start = 8 + header_len
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if data_start + end > size:
+        raise CheckpointError(f"{file} is truncated: its header needs {data_start + end} bytes but the file has {size}")
+    entries = {}
     for name, info in header.items():
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            return CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {info.get('dtype')}")
-    return CheckpointError(f"{file} is not a valid safetensors file: {err}")
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {info.get('dtype')}")
+        start, stop = info["data_offsets"]
+        if stop - start != math.prod(info["shape"]) * dtype.itemsize:
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has {stop - start} bytes for shape {info['shape']} of {info['dtype']}"
+            )
+        entries[name] = _Entry(dtype, info["shape"], start, stop)
+    if data_start + end < size:
+        raise CheckpointError(f"{file} is corrupt: {size - data_start - end} bytes after its last tensor")
+    return entries, data_start
 
 
 def _open_file(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file, each a view of the library's copy-on-write memory map of the file."""
-    try:
-        handle = safe_open(file, framework="pt", device="cpu")
-    except SafetensorError as err:
-        raise _explain_refusal(file, err) from None
+    entries, data_start = _read_header(file)
+    if not entries:
+        return {}
+    buffer = np.memmap(file, dtype=np.uint8, mode="c")  # copy-on-write: pages shared until written
     tensors = {}
-    with handle:
-        for name in handle.keys():
-            kind = handle.get_slice(name).get_dtype()
-            if kind not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {kind}")
-            tensors[name] = handle.get_tensor(name)  # a view of the mapping, which lives while any tensor does
+    for name, entry in entries.items():
+        raw = torch.from_numpy(buffer[data_start + entry.start : data_start + entry.stop])
+        tensors[name] = raw.view(entry.dtype).reshape(entry.shape)
     return tensors
 
 

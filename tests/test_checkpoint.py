@@ -181,7 +181,30 @@ def test_unsupported_dtype_is_named(tmp_path, dtype):
 
 def test_bytes_past_the_last_tensor_are_refused(single):
     single.write_bytes(single.read_bytes() + bytes(64))
-    with pytest.raises(
-        CheckpointError, match=r"model\.safetensors is not a valid safetensors file: .*not fully covered"
-    ):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt: 64 bytes after its last tensor"):
         read_checkpoint_tensors(single.parent)
+
+
+def test_byte_count_that_does_not_fit_the_shape(tmp_path):
+    _write_raw(
+        tmp_path / "model.safetensors", {"w": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 16]}}, bytes(16)
+    )
+    with pytest.raises(CheckpointError, match=r"tensor 'w' has 16 bytes for shape \[3, 2\] of F32"):
+        read_checkpoint_tensors(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": [2]},
+        {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},
+        {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
+        [0, 8],
+    ],
+)
+def test_malformed_header_entry(tmp_path, entry):
+    _write_raw(tmp_path / "model.safetensors", {"w": entry}, bytes(8))
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors has a corrupt safetensors header: bad entry for tensor 'w'"
+    ):
+        read_checkpoint_tensors(tmp_path)
