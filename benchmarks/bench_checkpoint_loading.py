@@ -213,7 +213,7 @@ def held_lock(path: str | None):
     if path is None:
         yield
         return
-    with open(path, "w") as fh:
+    with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
