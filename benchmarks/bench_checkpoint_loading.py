@@ -304,8 +304,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if touch:
         lines += [
             "",
-            "Page-in throughput of `touch` (checkpoint bytes / median seconds). Cold, the bound is the disk read "
-            "above; warm, pages are only mapped, not copied, so the memory copy figure is context, not a bound:",
+            "Page-in throughput of `touch` (checkpoint bytes / median seconds). Cold, against the plain `read` "
+            "figure above (a reference more than a bound: the kernel's readahead on a mapping can beat 64 MiB reads); "
+            "warm, pages are only mapped, not copied, so the figure depends on how much of the file the page cache "
+            "kept (see file RSS) and the memory copy bandwidth is context, not a bound:",
         ]
         for (impl, cache), r in sorted(touch.items()):
             gbs = r["bytes_total_gb"] / r["seconds"]["median"]
