@@ -166,10 +166,10 @@ def test_quantize_applies_to_the_slice(source, mode):
     ``s / (sqrt(12) sigma)`` relative, 0.55-0.7% for these Gaussian rows of 64-512 weights (``max|row|`` ~ 2.4-3
     sigma). The slice runs 53 quantized products (attention and FFN of 7 layers, AltUp projections, the head);
     independent errors add in quadrature, ~sqrt(53) x 0.65% ~ 5%. Bound: 15% (a factor 3 for amplification by later
-    layers; measured 3.7%), and above
-    1e-3 (quantization did change the weights). int4 (a step of (max - min) / 15 per 64 weights, ~13x int8's) is
-    past the small-error regime on this random model (which amplifies weight noise far more than a trained one), so
-    it gets no absolute bound; its error must exceed 3x int8's (13x while the error stays linear in the step).
+    layers; measured 3.7%), and above 1e-3 (quantization did change the weights). int4 (a step of (max - min) / 15
+    per 64 weights, ~13x int8's) is past the small-error regime on this random model (which amplifies weight noise far
+    more than a trained one), so it gets no absolute bound; its error must exceed 3x int8's (13x while the error stays
+    linear in the step).
     """
     from torch import nn
 
