@@ -81,11 +81,15 @@ def worker(args) -> dict:
     load_s = time.perf_counter() - t0
     text = model.config.text
     ids = torch.randint(3, text.vocab_size_per_layer_input, (1, args.prompt_tokens), generator=torch.Generator())
-    timer = TokenTimer("cpu")
-    disk_before, faults_before = _storage_read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    timer = DiskTimer("cpu")
+    disk_before, usage_before = _storage_read_bytes(), resource.getrusage(resource.RUSAGE_SELF)
+    t1 = time.perf_counter()
     model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=[-1], streamer=timer)
+    generate_s = time.perf_counter() - t1
     disk_read = _storage_read_bytes() - disk_before
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults_before
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    faults = usage.ru_majflt - usage_before.ru_majflt
+    cpu_s = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
     steps = timer.step_seconds()
     rss = _status_bytes(("RssAnon", "RssFile"))
     return {
@@ -106,7 +110,23 @@ def worker(args) -> dict:
         "mem_available_before_GB": available_before / 1e9,
         "storage_read_bytes_during_generate": disk_read,
         "major_faults_during_generate": faults,
+        # read after the first generated token: page-cache misses of the decode steps themselves (prefill excluded)
+        "storage_read_bytes_during_decode_steps": timer.reads[-1] - timer.reads[1],
+        # CPU seconds of this process per second of generate: --threads when it had the cores to itself
+        "cpu_cores_used_during_generate": cpu_s / generate_s,
     }
+
+
+class DiskTimer(TokenTimer):
+    """A :class:`TokenTimer` that also records this process's storage reads at each streamed step."""
+
+    def __init__(self, device: str):
+        super().__init__(device)
+        self.reads: list[int] = []
+
+    def put(self, tokens) -> None:
+        super().put(tokens)
+        self.reads.append(_storage_read_bytes())
 
 
 def weight_bytes_per_token(model) -> int:
@@ -300,8 +320,9 @@ def markdown(results: dict) -> str:
         f"Command: `{results['command']}`",
         "",
         "| preset | weights | layers | params/token (B) | text params (B) | bytes/token (GB) | decode tok/s "
-        "| weight GB/s | of copy bw (same run) | load s | peak RSS GB | read from disk during decode (GB) | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| weight GB/s | of copy bw (same run) | load s | peak RSS GB | read from disk during decode (GB) "
+        "| CPU cores used in generate | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         head = (
@@ -309,7 +330,7 @@ def markdown(results: dict) -> str:
             f"{row['text_params'] / 1e9:.3f} | {row['bytes_per_token'] / 1e9:.2f} |"
         )
         if "runs" not in row:
-            lines.append(head + " not timed | | | | | | |")
+            lines.append(head + " not timed | | | | | | | |")
             continue
         tok = row["decode_tok_s"]
         spread = f" ({tok['min']:.3f}-{tok['max']:.3f})" if len(row["runs"]) > 1 else ""
@@ -317,9 +338,41 @@ def markdown(results: dict) -> str:
         lines.append(
             head + f" {tok['median']:.3f}{spread} | {row['weight_GBps']:.2f} | "
             f"{row['fraction_of_copy_bandwidth']:.0%} | {row['load_s']['median']:.1f} | "
-            f"{row['peak_rss_GB']['median']:.2f} | {max(row['storage_read_GB']):.2f} | {'-'.join(loads)} |"
+            f"{row['peak_rss_GB']['median']:.2f} | {max(row['storage_read_GB']):.2f} | {_cores(row['runs'])} | "
+            f"{'-'.join(loads)} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + memory_notes(results)
+
+
+def _cores(runs: list[dict]) -> str:
+    cores = [r["cpu_cores_used_during_generate"] for r in runs if "cpu_cores_used_during_generate" in r]
+    return f"{statistics.median(cores):.2f}" if cores else "-"
+
+
+def memory_notes(results: dict) -> str:
+    """Where decode re-read memory-mapped weights from disk (page-cache misses), with the run's memory figures."""
+    lines = []
+    for row in results["rows"]:
+        for r in row.get("runs", []):
+            read = r["storage_read_bytes_during_generate"] / 1e9
+            steps = r.get("storage_read_bytes_during_decode_steps")
+            in_steps = "not recorded" if steps is None else f"{steps / 1e9:.2f} GB"
+            if read >= 0.5:
+                lines.append(
+                    f"- {row['preset']} {row['precision']}: {read:.2f} GB read from disk during generate "
+                    f"({r['major_faults_during_generate']} major page faults), of which in the decode steps after "
+                    f"the first token: {in_steps}; RSS after decode "
+                    f"{r['rss_anon_GB']:.1f} GB anonymous + {r['rss_file_GB']:.1f} GB file-backed, MemAvailable "
+                    f"before loading {r['mem_available_before_GB']:.1f} GB."
+                )
+    if not lines:
+        return ""
+    head = (
+        "\nRuns that read memory-mapped weights from disk during generate (prefill touches every weight first: a "
+        "read there is a page not yet cached; a read in the later decode steps is a page the cache did not keep, "
+        "i.e. eviction of file pages; the machine has no swap):\n\n"
+    )
+    return head + "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -333,12 +386,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=6)
     parser.add_argument("--lock", default=None, help="flock this file around each run (e.g. /tmp/gemma3n-heavy.lock)")
     parser.add_argument("--out", default=str(HERE / "results" / "matformer_e4b_cpu.json"))
+    parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the --out JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="bf16", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.render:  # rewrite the markdown from the saved JSON
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(markdown(json.loads(out.read_text())))
         return
     if not (Path(args.checkpoint) / "config.json").is_file():
         parser.error(f"no checkpoint at {args.checkpoint} (build one: benchmarks/published_checkpoint.py --preset e4b)")
