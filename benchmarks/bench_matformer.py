@@ -20,6 +20,13 @@ figure is computed for every preset from the sliced config on the meta device an
 KV-cache reads are not counted (a few MB at these prompt lengths). The copy bandwidth (read + write bytes of a 1 GiB
 copy) is measured inside each run, right after its decode; achieved bandwidth = bytes per token x tokens/s.
 
+Threads: decode runs on ``--threads`` (default 1). On this shared 2-core machine other sessions' test runs do not
+take the lock; with 2 OpenMP threads, a thread that is descheduled stalls its partner at every barrier, and a single
+decode-sized matmul then took ~8 ms instead of ~1.3 ms on one thread (measured 19:16 UTC, load average 3.4; int8,
+int4 and bf16 alike), so 2-thread decode timings measured the scheduler more than the code (kept for reference in
+``results/matformer_e4b_cpu_2threads_partial.*``). Loading uses ``--load-threads`` (default 2): quantization runs one
+tensor per thread with single-threaded ops, which has no such barriers.
+
 Memory: peak RSS (``ru_maxrss``: counts the memory-mapped checkpoint pages the run touched as well as its own
 memory), the anonymous and file-backed parts of RSS after decoding, MemAvailable before loading, and the bytes read
 from storage and major page faults during ``generate`` (page-cache misses of the mapped bf16 weights: when the page
@@ -71,7 +78,8 @@ def worker(args) -> dict:
     import gemma3n
     from gemma3n.matformer import effective_parameters
 
-    torch.set_num_threads(args.threads)
+    # loading quantizes one tensor per thread (single-threaded ops, no barriers): --load-threads; decode: --threads
+    torch.set_num_threads(args.load_threads)
     available_before = _meminfo_bytes("MemAvailable")
     quantize = None if args.precision == "bf16" else args.precision
     t0 = time.perf_counter()
@@ -79,6 +87,7 @@ def worker(args) -> dict:
         args.checkpoint, dtype=torch.bfloat16, text_only=True, matformer=args.preset, quantize=quantize
     )
     load_s = time.perf_counter() - t0
+    torch.set_num_threads(args.threads)
     text = model.config.text
     ids = torch.randint(3, text.vocab_size_per_layer_input, (1, args.prompt_tokens), generator=torch.Generator())
     timer = DiskTimer("cpu")
@@ -190,6 +199,7 @@ def run(args, save) -> dict:
         for name, precision in keys:
             cmd = [sys.executable, __file__, "--worker", "--preset", name, "--precision", precision]
             cmd += ["--checkpoint", args.checkpoint, "--threads", str(args.threads)]
+            cmd += ["--load-threads", str(args.load_threads)]
             cmd += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
             t0 = time.perf_counter()
             with maybe_locked(args.lock):
@@ -291,6 +301,7 @@ def summarize(args, runs: dict[tuple[str, str], list[dict]], copies: list[float]
         "checkpoint": args.checkpoint,
         "dtype": "bfloat16",
         "threads": args.threads,
+        "load_threads": args.load_threads,
         "rounds": args.rounds,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -310,7 +321,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"MatFormer presets cut from {results['checkpoint']} while loading (random weights, E4B shape), bf16 "
         f"activations, weights bf16 / int8 / int4 (`quantize=`), CPU ({results['cpu']}, "
-        f"{results['mem_total_GB']:.0f} GB RAM, shared), {results['threads']} threads, torch {results['torch']}; "
+        f"{results['mem_total_GB']:.0f} GB RAM, shared), {results['threads']} decode thread(s) "
+        f"({results.get('load_threads', results['threads'])} while loading), torch {results['torch']}; "
         f"{results['rounds']} round(s), prompt {results['prompt_tokens']}, {results['new_tokens']} new tokens per run "
         f"(figure: median decode step); each run in its own process under the lock. Copy bandwidth "
         f"{results['copy_bandwidth_GBps']:.1f}{copy_range} GB/s (read + write of a 1 GiB copy, measured in each run). "
@@ -319,9 +331,9 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{results['command']}`",
         "",
-        "| preset | weights | layers | params/token (B) | text params (B) | bytes/token (GB) | decode tok/s "
-        "| weight GB/s | of copy bw (same run) | load s | peak RSS GB | read from disk during decode (GB) "
-        "| CPU cores used in generate | load avg |",
+        "| preset | weights | layers | params/token (B) | text params (B) | bytes/token (GB) "
+        "| decode tok/s: median step (best step) | weight GB/s: median (best) | of copy bw (same run): median (best) "
+        "| load s | peak RSS GB | read from disk in generate (GB) | CPU cores used in generate | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
@@ -333,14 +345,28 @@ def markdown(results: dict) -> str:
             lines.append(head + " not timed | | | | | | | |")
             continue
         tok = row["decode_tok_s"]
-        spread = f" ({tok['min']:.3f}-{tok['max']:.3f})" if len(row["runs"]) > 1 else ""
+        spread = f" ({tok['min']:.3f}-{tok['max']:.3f} over rounds)" if len(row["runs"]) > 1 else ""
+        best = 1 / min(step for r in row["runs"] for step in r["step_s"])
+        best_gbs = row["bytes_per_token"] * best / 1e9
         loads = sorted({f"{x:.1f}" for x in (min(row["loadavg_1m"]), max(row["loadavg_1m"]))})
         lines.append(
-            head + f" {tok['median']:.3f}{spread} | {row['weight_GBps']:.2f} | "
-            f"{row['fraction_of_copy_bandwidth']:.0%} | {row['load_s']['median']:.1f} | "
-            f"{row['peak_rss_GB']['median']:.2f} | {max(row['storage_read_GB']):.2f} | {_cores(row['runs'])} | "
-            f"{'-'.join(loads)} |"
+            head + f" {tok['median']:.3f}{spread} ({best:.3f}) | {row['weight_GBps']:.2f} ({best_gbs:.2f}) | "
+            f"{row['fraction_of_copy_bandwidth']:.0%} ({best_gbs / row['copy_bandwidth_GBps']:.0%}) | "
+            f"{row['load_s']['median']:.1f} | {row['peak_rss_GB']['median']:.2f} | {max(row['storage_read_GB']):.2f} | "
+            f"{_cores(row['runs'])} | {'-'.join(loads)} |"
         )
+    lines += [
+        "",
+        "Reading the table: bytes/token counts what a decode step reads (int8: 1 byte per weight + a bf16 scale per "
+        "row; int4: half a byte + a bf16 scale and zero per 64 weights; LM head quantized too; per-layer table "
+        "row-gathered). 'CPU cores used in generate' is this process's CPU seconds per second of generate: "
+        f"{results['threads']} when it had the cores to itself; less means other processes (on this shared machine: "
+        "other sessions' test runs, which do not take the lock) held the CPU. With 2 OpenMP threads a descheduled "
+        "thread stalls the other at every barrier, so such steps run several times slower; the best step of a run is "
+        "its least disturbed figure. Peak RSS (ru_maxrss) includes the checkpoint pages the process touched through "
+        "the memory map (quantizing reads every sliced weight once; a slice that skips layers copies the per-layer "
+        "table), so it is above the resident size while decoding (anonymous + file RSS after decode, in the JSON).",
+    ]
     return "\n".join(lines) + "\n" + memory_notes(results)
 
 
@@ -380,7 +406,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="/work/cache/e4b", help="E4B-shaped checkpoint directory")
     parser.add_argument("--presets", nargs="*", default=None, help="default: every preset")
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=PRECISIONS)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="decode threads (see the module docstring)")
+    parser.add_argument("--load-threads", type=int, default=2, help="threads quantizing tensors while loading")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=6)
