@@ -329,7 +329,7 @@ def markdown(results: dict) -> str:
         f"{results['started_utc']} - {results['finished_utc']} UTC."
         + ("" if results["complete"] else " PARTIAL: the run was still going or was stopped."),
         "",
-        f"Command: `{results['command']}`",
+        f"Command: `{results['command']}`" + (f" ({results['note']})" if results.get("note") else ""),
         "",
         "| preset | weights | layers | params/token (B) | text params (B) | bytes/token (GB) "
         "| decode tok/s: median step (best step) | weight GB/s: median (best) | of copy bw (same run): median (best) "
