@@ -153,6 +153,79 @@ def test_narrow_block_equals_zeroed_tail_of_the_wide_block(source):
         assert rel_err(ours, zeroed(ids).logits) < TOL
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_applies_to_the_slice(source, mode):
+    """``matformer=`` with ``quantize=``: the slice is cut first, then exactly its tensors are quantized.
+
+    Checked in three steps. (1) Every quantized layer has the sliced shape (kept layers only, narrowed FFNs) and holds
+    bit for bit the quantization of the sliced fp32 weight, which for the FFNs is the first rows / columns of the
+    original kept layer (transformers' model). (2) The quantized slice computes the sliced fp32 model with those
+    dequantized weights: 1e-5 relative, the suite's fp32 bound (only the order of the products differs). (3) Its logits
+    are near the unquantized slice's. int8 rounds each weight of a row to a step ``s = max|row| / 127``: an error
+    uniform in +-s/2 (rms ``s / sqrt(12)``) and independent between weights, so one product ``W x`` moves by
+    ``s / (sqrt(12) sigma)`` relative, 0.55-0.7% for these Gaussian rows of 64-512 weights (``max|row|`` ~ 2.4-3
+    sigma). The slice runs 53 quantized products (attention and FFN of 7 layers, AltUp projections, the head);
+    independent errors add in quadrature, ~sqrt(53) x 0.65% ~ 5%. Bound: 15% (a factor 3 for amplification by later
+    layers; measured 3.7%), and above 1e-3 (quantization did change the weights). int4 (a step of (max - min) / 15
+    per 64 weights, ~13x int8's) is past the small-error regime on this random model (which amplifies weight noise far
+    more than a trained one), so it gets no absolute bound; its error must exceed 3x int8's (13x while the error stays
+    linear in the step).
+    """
+    from torch import nn
+
+    from gemma3n.quantize import Int4Linear, Int8Linear, quantize_weight
+
+    ref, directory = source
+    spec = SLICES["mixed"]
+    kept = [i for i in range(10) if i not in spec["skip_layers"]]
+    quantized = gemma3n.load(directory, dtype="float32", matformer=spec, quantize=mode)
+    sliced = gemma3n.load(directory, dtype="float32", matformer=spec)
+    kind = Int8Linear if mode == "int8" else Int4Linear
+    q_text, f_text = quantized.language_model, sliced.language_model
+    assert len(q_text.layers) == len(kept)
+
+    # (1) shapes and contents: the quantization of the sliced weights, nothing else
+    linears = {name: m for name, m in f_text.named_modules() if isinstance(m, nn.Linear) and min(m.weight.shape) >= 16}
+    done = {name: m for name, m in q_text.named_modules() if isinstance(m, kind)}
+    assert set(done) == set(linears) | {"lm_head"}
+    sources = {name: m.weight for name, m in linears.items()} | {"lm_head": f_text.embed_tokens.weight}
+    for name, module in done.items():
+        assert (module.out_features, module.in_features) == tuple(sources[name].shape), name
+        expected = quantize_weight(sources[name], mode, dtype=torch.float32).dequantized()
+        assert torch.equal(module.dequantized(), expected), name
+    for new, (old, width) in enumerate(zip(kept, spec["ffn_dims"], strict=True)):
+        mlp, original = f_text.layers[new].mlp, ref.model.layers[old].mlp
+        assert done[f"layers.{new}.mlp.gate_proj"].out_features == width
+        assert done[f"layers.{new}.mlp.down_proj"].in_features == width
+        assert torch.equal(mlp.gate_proj.weight, original.gate_proj.weight[:width])
+        assert torch.equal(mlp.up_proj.weight, original.up_proj.weight[:width])
+        assert torch.equal(mlp.down_proj.weight, original.down_proj.weight[:, :width])
+
+    # (2) the forward pass uses exactly those weights
+    dequantized = gemma3n.load(directory, dtype="float32", matformer=spec)
+    d_text = dequantized.language_model
+    for name, module in done.items():
+        linear = nn.Linear(module.in_features, module.out_features, bias=False)
+        linear.weight = nn.Parameter(module.dequantized(), requires_grad=False)
+        if name == "lm_head":
+            d_text.lm_head = linear
+        else:
+            d_text.set_submodule(name, linear)
+    ids = _ids()
+    with torch.no_grad():
+        got = quantized(ids).logits
+        assert rel_err(got, dequantized(ids).logits) <= TOL
+        error = rel_err(got, sliced(ids).logits)
+
+    # (3) near the unquantized slice
+    if mode == "int8":
+        assert 1e-3 < error < 0.15
+    else:
+        int8 = gemma3n.load(directory, dtype="float32", matformer=spec, quantize="int8")
+        with torch.no_grad():
+            assert error > 3 * rel_err(int8(ids).logits, sliced(ids).logits)
+
+
 def test_multimodal_checkpoint_slice_keeps_towers_and_files(tmp_path):
     from gemma3n.tiny_random import build_tiny_random
 
