@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -137,12 +138,95 @@ def named_mode(text: str) -> tuple[str, list[str]]:
     return name.strip(), extra.split()
 
 
+def write_results(
+    args: argparse.Namespace,
+    modes: dict[str, list[str]],
+    runs: dict[str, list[dict]],
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+    final: bool,
+) -> str:
+    """Summarise the runs so far into benchmarks/results/NAME.{json,md}; returns the markdown."""
+    done = {mode: results for mode, results in runs.items() if results}
+    plain_wall = statistics.median(run["wall_s"] for run in runs["plain"]) if runs["plain"] else None
+    summary = {}
+    for mode, results in done.items():
+        walls = [run["wall_s"] for run in results]
+        steady = [
+            (args.images - 1) / (run["last_row_s"] - run["first_row_s"]) * 60
+            for run in results
+            if run["first_row_s"] is not None and run["last_row_s"] > run["first_row_s"]
+        ]
+        summary[mode] = {
+            "wall_s_median": statistics.median(walls),
+            "wall_s_range": [min(walls), max(walls)],
+            "images_per_min": args.images / statistics.median(walls) * 60,
+            "steady_images_per_min": statistics.median(steady) if steady else None,
+            "first_row_s_median": statistics.median(run["first_row_s"] for run in results),
+            "overhead_vs_plain": None if plain_wall is None else statistics.median(walls) / plain_wall - 1,
+            "peak_pss_gb_max": max(run["peak_pss_gb"] for run in results),
+            "peak_anon_gb_max": max(run["peak_anon_gb"] for run in results),
+            "peak_rss_max_gb_max": max(run["peak_rss_max_gb"] for run in results),
+        }
+    report = {
+        "command": shlex.join(["python", "benchmarks/bench_ray.py", *sys.argv[1:]]),
+        "model": args.model,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "max_new_tokens": args.max_new_tokens,
+        "modes": modes,
+        "rounds": args.rounds,
+        "complete": final,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "summary": summary,
+        "runs": runs,
+    }
+    results_dir = ROOT / "benchmarks" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    settings = ", ".join(
+        [f"batch size {args.batch_size}"]
+        + ([f"dtype {args.dtype}"] if args.dtype else [])
+        + ([f"max new tokens {args.max_new_tokens}"] if args.max_new_tokens else [])
+    )
+    loads = ", ".join(f"{run['load_average_1min_at_start']:.1f}" for results in runs.values() for run in results)
+    lines = [
+        f"# `gemma3n caption` plain vs `--ray`: {args.images} images, {args.model}, {settings}",
+        "",
+        f"`{report['command']}` — {os.cpu_count()} CPUs, {args.rounds} interleaved round(s), each run a fresh process"
+        f"{' holding ' + args.lock if args.lock else ''}; load average (1 min) before {load_before[0]:.1f}, after "
+        f"{load_after[0]:.1f}, at the start of each run: {loads}."
+        + ("" if final else " PARTIAL: the benchmark had not finished when this was written."),
+        "",
+        "| mode | wall s, median (range) | images/min (whole command) | images/min (steady state) | "
+        "first row after, s | overhead vs plain | peak PSS GB | peak anon. PSS GB | largest RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, s in summary.items():
+        steady = "n/a" if s["steady_images_per_min"] is None else f"{s['steady_images_per_min']:.0f}"
+        overhead = "n/a" if s["overhead_vs_plain"] is None else f"{s['overhead_vs_plain']:+.0%}"
+        lines.append(
+            f"| {mode} (`{' '.join(modes[mode]) or 'no Ray'}`) | {s['wall_s_median']:.1f} "
+            f"({s['wall_s_range'][0]:.1f}-{s['wall_s_range'][1]:.1f}) | {s['images_per_min']:.0f} | {steady} | "
+            f"{s['first_row_s_median']:.1f} | {overhead} | {s['peak_pss_gb_max']:.2f} | "
+            f"{s['peak_anon_gb_max']:.2f} | {s['peak_rss_max_gb_max']:.2f} |"
+        )
+    markdown = "\n".join(lines) + "\n"
+    (results_dir / f"{args.name}.md").write_text(markdown)
+    return markdown
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     parser.add_argument(
         "--mode",
         type=named_mode,
@@ -161,6 +245,7 @@ def main() -> None:
     modes = {"plain": []} | {
         f"ray, {n} worker{'s' if n > 1 else ''}": ["--ray", "--workers", str(n)] for n in args.workers
     }
+    modes |= dict(args.mode)
     common = [sys.executable, "-m", "gemma3n", "caption", "--model", args.model, "--batch-size", str(args.batch_size)]
     if args.dtype:
         common += ["--dtype", args.dtype]
@@ -186,76 +271,8 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-    load_after = os.getloadavg()
-
-    plain_wall = statistics.median(run["wall_s"] for run in runs["plain"])
-    summary = {}
-    for mode, results in runs.items():
-        walls = [run["wall_s"] for run in results]
-        steady = [
-            (args.images - 1) / (run["last_row_s"] - run["first_row_s"]) * 60
-            for run in results
-            if run["first_row_s"] is not None and run["last_row_s"] > run["first_row_s"]
-        ]
-        summary[mode] = {
-            "wall_s_median": statistics.median(walls),
-            "wall_s_range": [min(walls), max(walls)],
-            "images_per_min": args.images / statistics.median(walls) * 60,
-            "steady_images_per_min": statistics.median(steady) if steady else None,
-            "first_row_s_median": statistics.median(run["first_row_s"] for run in results),
-            "overhead_vs_plain": statistics.median(walls) / plain_wall - 1,
-            "peak_pss_gb_max": max(run["peak_pss_gb"] for run in results),
-            "peak_anon_gb_max": max(run["peak_anon_gb"] for run in results),
-            "peak_rss_max_gb_max": max(run["peak_rss_max_gb"] for run in results),
-        }
-    report = {
-        "command": " ".join(["python", "benchmarks/bench_ray.py", *sys.argv[1:]]),
-        "model": args.model,
-        "images": args.images,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "max_new_tokens": args.max_new_tokens,
-        "modes": modes,
-        "rounds": args.rounds,
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "summary": summary,
-        "runs": runs,
-    }
-    results_dir = ROOT / "benchmarks" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    settings = ", ".join(
-        [f"batch size {args.batch_size}"]
-        + ([f"dtype {args.dtype}"] if args.dtype else [])
-        + ([f"max new tokens {args.max_new_tokens}"] if args.max_new_tokens else [])
-    )
-    loads = ", ".join(f"{run['load_average_1min_at_start']:.1f}" for results in runs.values() for run in results)
-    lines = [
-        f"# `gemma3n caption` plain vs `--ray`: {args.images} images, {args.model}, {settings}",
-        "",
-        f"`{report['command']}` — {os.cpu_count()} CPUs, {args.rounds} interleaved round(s), each run a fresh process"
-        f"{' holding ' + args.lock if args.lock else ''}; load average (1 min) before {load_before[0]:.1f}, after "
-        f"{load_after[0]:.1f}, at the start of each run: {loads}.",
-        "",
-        "| mode | wall s, median (range) | images/min (whole command) | images/min (steady state) | "
-        "first row after, s | overhead vs plain | peak PSS GB | peak anon. PSS GB | largest RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, s in summary.items():
-        steady = "n/a" if s["steady_images_per_min"] is None else f"{s['steady_images_per_min']:.0f}"
-        lines.append(
-            f"| {mode} (`{' '.join(modes[mode]) or 'no Ray'}`) | {s['wall_s_median']:.1f} "
-            f"({s['wall_s_range'][0]:.1f}-{s['wall_s_range'][1]:.1f}) | {s['images_per_min']:.0f} | {steady} | "
-            f"{s['first_row_s_median']:.1f} | {s['overhead_vs_plain']:+.0%} | {s['peak_pss_gb_max']:.2f} | "
-            f"{s['peak_anon_gb_max']:.2f} | {s['peak_rss_max_gb_max']:.2f} |"
-        )
-    markdown = "\n".join(lines) + "\n"
-    (results_dir / f"{args.name}.md").write_text(markdown)
-    print(markdown)
+                write_results(args, modes, runs, load_before, os.getloadavg(), final=False)  # a partial table
+    print(write_results(args, modes, runs, load_before, os.getloadavg(), final=True))
 
 
 if __name__ == "__main__":
