@@ -138,8 +138,14 @@ def named_mode(text: str) -> tuple[str, list[str]]:
     return name.strip(), extra.split()
 
 
+def rate(per_min: float) -> str:
+    """Images per minute with 2-3 significant digits (a few per minute for E2B on 2 cores, hundreds for tiny)."""
+    return f"{per_min:.0f}" if per_min >= 100 else f"{per_min:.1f}" if per_min >= 1 else f"{per_min:.2f}"
+
+
 def write_results(
     args: argparse.Namespace,
+    command: str,
     modes: dict[str, list[str]],
     runs: dict[str, list[dict]],
     load_before: tuple[float, float, float],
@@ -169,7 +175,7 @@ def write_results(
             "peak_rss_max_gb_max": max(run["peak_rss_max_gb"] for run in results),
         }
     report = {
-        "command": shlex.join(["python", "benchmarks/bench_ray.py", *sys.argv[1:]]),
+        "command": command,
         "model": args.model,
         "images": args.images,
         "batch_size": args.batch_size,
@@ -177,6 +183,7 @@ def write_results(
         "max_new_tokens": args.max_new_tokens,
         "modes": modes,
         "rounds": args.rounds,
+        "lock": args.lock,
         "complete": final,
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -208,11 +215,11 @@ def write_results(
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, s in summary.items():
-        steady = "n/a" if s["steady_images_per_min"] is None else f"{s['steady_images_per_min']:.0f}"
+        steady = "n/a" if s["steady_images_per_min"] is None else rate(s["steady_images_per_min"])
         overhead = "n/a" if s["overhead_vs_plain"] is None else f"{s['overhead_vs_plain']:+.0%}"
         lines.append(
             f"| {mode} (`{' '.join(modes[mode]) or 'no Ray'}`) | {s['wall_s_median']:.1f} "
-            f"({s['wall_s_range'][0]:.1f}-{s['wall_s_range'][1]:.1f}) | {s['images_per_min']:.0f} | {steady} | "
+            f"({s['wall_s_range'][0]:.1f}-{s['wall_s_range'][1]:.1f}) | {rate(s['images_per_min'])} | {steady} | "
             f"{s['first_row_s_median']:.1f} | {overhead} | {s['peak_pss_gb_max']:.2f} | "
             f"{s['peak_anon_gb_max']:.2f} | {s['peak_rss_max_gb_max']:.2f} |"
         )
@@ -221,7 +228,7 @@ def write_results(
     return markdown
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--images", type=int, default=32)
@@ -240,7 +247,20 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--lock", default=None, help="flock this file around each run (e.g. /tmp/gemma3n-heavy.lock)")
     parser.add_argument("--name", default="ray_tiny", help="results file stem in benchmarks/results/")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--rewrite", action="store_true", help="run nothing: write the markdown again from results/NAME.json"
+    )
+    args = parser.parse_args(argv)
+    if args.rewrite:
+        report = json.loads((ROOT / "benchmarks" / "results" / f"{args.name}.json").read_text())
+        for key in ("model", "images", "batch_size", "dtype", "max_new_tokens", "rounds"):
+            setattr(args, key, report[key])
+        words = shlex.split(report["command"])
+        args.lock = report.get("lock", words[words.index("--lock") + 1] if "--lock" in words else None)
+        loads = (report["load_average_before"], report["load_average_after"])
+        print(write_results(args, report["command"], report["modes"], report["runs"], *loads, report["complete"]))
+        return
+    command = shlex.join(["python", "benchmarks/bench_ray.py", *(sys.argv[1:] if argv is None else argv)])
 
     modes = {"plain": []} | {
         f"ray, {n} worker{'s' if n > 1 else ''}": ["--ray", "--workers", str(n)] for n in args.workers
@@ -271,8 +291,8 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-                write_results(args, modes, runs, load_before, os.getloadavg(), final=False)  # a partial table
-    print(write_results(args, modes, runs, load_before, os.getloadavg(), final=True))
+                write_results(args, command, modes, runs, load_before, os.getloadavg(), final=False)  # a partial table
+    print(write_results(args, command, modes, runs, load_before, os.getloadavg(), final=True))
 
 
 if __name__ == "__main__":
