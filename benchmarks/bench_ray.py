@@ -279,10 +279,10 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             for mode in names[r % len(names) :] + names[: r % len(names)]:
                 output = Path(tmp) / f"out-{r}-{len(runs[mode])}-{mode.replace(' ', '').replace(',', '_')}.jsonl"
-                command = [*common[:4], str(folder), *common[4:], *modes[mode], "--output", str(output)]
+                run_command = [*common[:4], str(folder), *common[4:], *modes[mode], "--output", str(output)]
                 with maybe_locked(args.lock):
                     load = os.getloadavg()[0]
-                    result = run_once(command, output, args.images)
+                    result = run_once(run_command, output, args.images)
                 result["load_average_1min_at_start"] = load
                 runs[mode].append(result)
                 print(
