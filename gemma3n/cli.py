@@ -545,7 +545,13 @@ def _start_ray(ray: Any, address: str | None) -> bool:
         if address is not None:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+            # no idle workers prestarted for this driver (one per CPU, each importing Ray): the actors start their own
+            ray.init(
+                num_cpus=os.cpu_count() or 1,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                _system_config={"prestart_worker_first_driver": False},
+            )
     except Exception as err:  # no cluster at the address, a port in use, ...
         raise CliError(f"cannot start Ray{'' if address is None else f' at {address!r}'}: {_one_line(err)}") from None
     return True

@@ -21,9 +21,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where weights are built, so finding the cached checkpoint needs no torch
+    import torch
 
 IMAGE_SIZE = 128  # pixels; the vision tower maps 128x128 -> 8x8 -> a 4x4 grid of soft tokens
 VISION_SOFT_TOKENS = 16
@@ -79,7 +80,6 @@ def generation_config_dict() -> dict[str, Any]:
     }
 
 
-@torch.no_grad()
 def random_tensors(
     config_dict: dict[str, Any], seed: int = SEED, silent_ids: list[int] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -89,6 +89,8 @@ def random_tensors(
     output layer) while real tokens get random signs, so greedy decoding prints words rather than filler, byte or
     marker tokens.
     """
+    import torch  # no autograd here: state_dict() gives detached tensors and the rest are fresh ones
+
     from .config import Gemma3nConfig
     from .model import Gemma3n
 
@@ -127,6 +129,8 @@ def non_word_token_ids(tokenizer_file: Path, keep: list[int]) -> list[int]:
 
 def _random_like(name: str, value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Norm scales near 1, matrices scaled by 1/sqrt(fan_in) (activations stay O(1) through deep stacks)."""
+    import torch
+
     if not value.is_floating_point():
         return value.clone()
     noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
