@@ -324,3 +324,20 @@ def test_sequence_classifier_without_pad_id_refuses_a_batch(tmp_path):
     with pytest.raises(ValueError, match="no pad_token_id"):
         model(torch.tensor([[2, 5, 6], [2, 7, 8]]))
     assert model(torch.tensor([[2, 5, 6]])).logits.shape == (1, 3)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4], ids=["multi-query", "multi-head"])
+def test_multi_query_and_multi_head_attention_match_the_reference(tmp_path, kv_heads):
+    """Gemma 2B has one key/value head for 8 query heads, Gemma 7B one per query head; head_dim is read from the
+    config, independent of hidden / heads (24 here against 64 / 4 = 16)."""
+    path, ref = saved(tmp_path, "gemma", "causal", num_key_value_heads=kv_heads, head_dim=24)
+    model = gemma3n.load(path, dtype="float32")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        got = model(ids, attention_mask=mask).logits[mask.bool()]
+    assert rel_err(got, expected) < REL_TOL
+    expected = ref.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]), expected)
