@@ -16,8 +16,6 @@ hardware limits the operations are compared to. Writes JSON + a markdown table i
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -27,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from locking import maybe_locked
 
 IMPLEMENTATIONS = ("parser", "safetensors")
 OPERATIONS = ("read", "touch", "load_text", "load_full")
@@ -208,17 +208,6 @@ def cold_read_bandwidth_gbs(files: list[Path], limit: int = 3 * 2**30) -> float:
 
 
 # ---- parent ----------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def held_lock(path: str | None):
-    if path is None:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_child(args: argparse.Namespace, impl: str, op: str, cold: bool) -> dict:
@@ -326,13 +315,13 @@ def parent(args: argparse.Namespace) -> None:
     ops = args.ops
     caches = [True, False] if not args.warm_only else [False]  # cold first: it pages in what the warm run needs
     loadavg_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    with held_lock(args.lock):
+    with maybe_locked(args.lock):
         copy_gbs = copy_bandwidth_gbs()
         disk_gbs = [cold_read_bandwidth_gbs(files)] if not args.warm_only else []
     runs = []
     for round_index in range(args.rounds):
         order = IMPLEMENTATIONS if round_index % 2 == 0 else IMPLEMENTATIONS[::-1]
-        with held_lock(args.lock):  # one round at a time under the shared lock, so other jobs get their turn
+        with maybe_locked(args.lock):  # one round at a time under the shared lock, so other jobs get their turn
             for op in ops:
                 for impl in order:
                     for cold in caches:
@@ -346,7 +335,7 @@ def parent(args: argparse.Namespace) -> None:
                             flush=True,
                         )
     if not args.warm_only:
-        with held_lock(args.lock):
+        with maybe_locked(args.lock):
             disk_gbs.append(cold_read_bandwidth_gbs(files))
     meta = {
         "command": "python benchmarks/bench_checkpoint_loading.py " + " ".join(sys.argv[1:]),

@@ -36,7 +36,6 @@ cache cannot hold them, a decode step re-reads them from disk and is no longer b
 from __future__ import annotations
 
 import argparse
-import fcntl
 import functools
 import json
 import os
@@ -46,11 +45,11 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from bench_generation import TokenTimer
+from locking import maybe_locked
 
 from gemma3n.matformer import PRESETS
 
@@ -58,19 +57,6 @@ HERE = Path(__file__).resolve().parent
 PRECISIONS = ("bf16", "int8", "int4")
 # measured first, so that a run cut short still has the two ends and a middle size
 FIRST_PRESETS = ("E2B", "E4B", "E2.98B")
-
-
-@contextmanager
-def maybe_locked(path: str | None):
-    if path is None:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def worker(args) -> dict:

@@ -24,7 +24,6 @@ Writes JSON and a markdown table into benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -35,9 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from locking import maybe_locked
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "images"
@@ -52,20 +51,6 @@ def image_folder(root: Path, count: int) -> Path:
         source = sources[i % len(sources)]
         shutil.copy(source, folder / f"{i:03d}{source.suffix}")
     return folder
-
-
-@contextmanager
-def maybe_locked(path: str | None) -> Iterator[None]:
-    """Hold the flock of ``path`` (when given) for the duration of the block."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def process_tree(root: int) -> list[int]:
