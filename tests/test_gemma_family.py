@@ -19,6 +19,7 @@ import json
 import pytest
 import torch
 import transformers
+from family_helpers import MODEL_CLASSES, family_config
 
 import gemma3n
 from gemma3n.config import ConfigError
@@ -27,39 +28,19 @@ from gemma3n.heads import CausalLM, SequenceClassifier, TokenClassifier
 
 REL_TOL = 1e-5
 WINDOW = 8  # Gemma 2's sliding window in the small models; prompts are longer
-HEADS = {
-    "causal": ("ForCausalLM", CausalLM),
-    "sequence": ("ForSequenceClassification", SequenceClassifier),
-    "token": ("ForTokenClassification", TokenClassifier),
-}
+HEADS = {"causal": CausalLM, "sequence": SequenceClassifier, "token": TokenClassifier}
 
 
 def reference_model(family: str, head: str, *, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
-    """A small random transformers model (fp32, eager attention so Gemma 2's soft-cap is computed)."""
-    torch.manual_seed(seed)
-    config = dict(
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        num_labels=3,
-        id2label={0: "O", 1: "B-X", 2: "I-X"},
-        label2id={"O": 0, "B-X": 1, "I-X": 2},
-    )
-    prefix = "Gemma2" if family == "gemma2" else "Gemma"
+    """A small random transformers model (fp32, eager attention so Gemma 2's soft-cap is computed): the shared test
+    config (tests/family_helpers.py) at 4 layers, hidden 64 and three labels, transformers' own init, random norms."""
+    shape = dict(vocab_size=160, hidden_size=64, num_hidden_layers=4, id2label={0: "O", 1: "B-X", 2: "I-X"})
     if family == "gemma2":
-        config.update(sliding_window=WINDOW, query_pre_attn_scalar=24)
-    config.update(overrides)
-    cfg = getattr(transformers, f"{prefix}Config")(**config)
+        shape.update(sliding_window=WINDOW, query_pre_attn_scalar=24)
+    cfg = family_config(family, head, **{**shape, **overrides})
     cfg._attn_implementation = "eager"
-    model = getattr(transformers, prefix + HEADS[head][0])(cfg).eval()
+    torch.manual_seed(seed)
+    model = getattr(transformers, MODEL_CLASSES[family, head])(cfg).eval()
     with torch.no_grad():  # norms are initialised at zero (weight 1 + 0): randomise them so they matter
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -91,7 +72,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def test_logits_match_the_reference_on_a_left_padded_batch_longer_than_the_window(tmp_path, family, head):
     path, ref = saved(tmp_path, family, head)
     model = gemma3n.load(path, dtype="float32")
-    assert isinstance(model, HEADS[head][1])
+    assert isinstance(model, HEADS[head])
     ids, mask = padded_batch()
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).logits
