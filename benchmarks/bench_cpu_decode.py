@@ -30,10 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+from kernel_ceilings import LAYERS
 
 HERE = Path(__file__).resolve().parent
 IMPLS = ["gemma3n-bf16", "gemma3n-int8", "gemma3n-int4", "transformers-bf16"]
-EXTRA_IMPLS = ["gemma3n-bf16-eager", "gemma3n-bf16-compile"]
+EXTRA_IMPLS = ["gemma3n-bf16-eager", "gemma3n-bf16-compile", "gemma3n-int8-compile", "gemma3n-int4-compile"]
+KERNELS = "kernels"  # the child measuring each matmul kernel's ceiling (kernel_ceilings.py)
 RESULT_MARK = "RESULT_JSON "
 
 
@@ -257,6 +259,35 @@ def summarize(rounds: list[dict], impls: list[str]) -> dict:
     return summary
 
 
+def summarize_kernels(rounds: list[dict], summary: dict) -> dict:
+    """Per kernel: medians and ranges over rounds of its GB/s, its fraction of the read bandwidth, and the decode
+    tok/s it allows at batch 1 (the precision's bytes per token, layers and LM head each at their measured GB/s)."""
+    measured = [r["kernels"] for r in rounds if r.get("kernels", {}).get("available")]
+    if not measured:
+        return {}
+
+    def spread(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    out: dict = {"read_gbs": spread([m["read_gbs"] for m in measured]), "kernels": {}}
+    for name in measured[0]["kernels"]:
+        pairs = [(m["kernels"][name], m["read_gbs"]) for m in measured if name in m["kernels"]]
+        runs = [run for run, _ in pairs]
+        row = {key: spread([run[key] for run in runs]) for key in runs[0] if key.endswith("_gbs")}
+        row["of_read_b1"] = spread([run["layers_b1_gbs"] / read for run, read in pairs])
+        precision = name.split()[0]
+        impl = summary.get(f"gemma3n-{precision}", {})
+        per_token = impl.get("weight_bytes_per_token") if impl.get("available") else None
+        if per_token:  # the LM head's share at the head's rate, the rest at the layers' rate
+            head = runs[0]["lm_head_bytes"]
+            seconds = (per_token - head) / (row["layers_b1_gbs"]["median"] * 1e9) + head / (
+                row["lm_head_b1_gbs"]["median"] * 1e9
+            )
+            row["ceiling_b1_tok_s"] = 1 / seconds
+        out["kernels"][name] = row
+    return out
+
+
 def markdown(results: dict) -> str:
     copy = results["copy_gbs"]
     lines = [
@@ -292,6 +323,26 @@ def markdown(results: dict) -> str:
         for impl, row in results["summary"].items()
         if row.get("available") and row.get("weight_bytes_per_token")
     ) + ".")  # fmt: skip
+    kernels = results.get("kernel_summary")
+    if kernels:
+        read = kernels["read_gbs"]
+        lines += [
+            "",
+            f"Matmul kernels alone (``kernel_ceilings.py``, same rounds): GB/s of weight read, over {LAYERS} E2B "
+            f"layers' matrices and over the LM head, 1 and 4 rows; read bandwidth (sum of 1 GiB) {fmt(read, 1)} GB/s. "
+            "The ceiling is the decode tok/s the kernel allows with no other work in the step.",
+            "",
+            "| kernel | layers b1 GB/s | of read bandwidth | LM head b1 GB/s | layers b4 GB/s | LM head b4 GB/s | "
+            "ceiling b1 tok/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, row in kernels["kernels"].items():
+            ceiling = row.get("ceiling_b1_tok_s")
+            lines.append(
+                f"| {name} | {fmt(row['layers_b1_gbs'], 1)} | {fmt(row['of_read_b1'])} | "
+                f"{fmt(row['lm_head_b1_gbs'], 1)} | {fmt(row['layers_b4_gbs'], 1)} | {fmt(row['lm_head_b4_gbs'], 1)} | "
+                f"{f'{ceiling:.2f}' if ceiling else '-'} |"
+            )
     return "\n".join(lines)
 
 
@@ -306,6 +357,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cpu_decode_e2b.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == KERNELS:
+        from kernel_ceilings import kernel_ceilings
+
+        print(RESULT_MARK + json.dumps({"impl": KERNELS, "available": True, **kernel_ceilings(args.threads)}))
+        return
     if args.child:
         print(RESULT_MARK + json.dumps(run_child(args)), flush=True)
         return
@@ -339,11 +395,17 @@ def main() -> None:
                 )
             else:
                 print(f"  {impl:<22} not available: {res.get('reason')}", flush=True)
-        results["per_round"].append({"copy_gbs": bw, "results": round_results})
+        kernels = spawn(args, KERNELS)
+        if kernels.get("available"):
+            print(f"  kernels: read {kernels['read_gbs']:.1f} GB/s; " + ", ".join(
+                f"{name} {k['layers_b1_gbs']:.1f}" for name, k in kernels["kernels"].items()
+            ) + " GB/s (layers, 1 row)", flush=True)  # fmt: skip
+        results["per_round"].append({"copy_gbs": bw, "results": round_results, "kernels": kernels})
     results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     copies = [r["copy_gbs"] for r in results["per_round"]]
     results["copy_gbs"] = {"median": statistics.median(copies), "min": min(copies), "max": max(copies)}
     results["summary"] = summarize(results["per_round"], args.impls)
+    results["kernel_summary"] = summarize_kernels(results["per_round"], results["summary"])
     table = markdown(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

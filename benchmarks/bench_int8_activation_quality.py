@@ -1,0 +1,118 @@
+"""Why gemma3n's int8 stays weight-only: the logit error of fbgemm's dynamic int8 GEMM on a small random model.
+
+    python benchmarks/bench_int8_activation_quality.py
+
+fbgemm's ``linear_dynamic`` streams an int8 weight about 1.5x faster than torch's weight-only int8 kernel on this CPU
+(``kernel_ceilings.py``), but it also quantizes the activations: 7-bit unsigned with one scale and zero point per call
+(7 bits so that AVX2's pairwise int16 sums cannot saturate). This script builds a small random Gemma 3n with
+transformers (``save_pretrained``), loads it with gemma3n at ``quantize="int8"``, and compares against the fp32 model:
+the weight-only kernel as shipped, and the same int8 weights through fbgemm with one activation scale per row and per
+block of 16 rows. bf16 (no quantization) is given for scale. 2 rows x 64 tokens, row 1 left-padded by 6.
+Writes ``benchmarks/results/int8_activation_quality.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def use_fbgemm(model: torch.nn.Module, row_block: int) -> int:
+    """Route every ``Int8Linear`` of ``model`` through fbgemm's dynamic int8 GEMM on the same int8 weights."""
+    from gemma3n.quantize import Int8Linear
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, Int8Linear):
+            continue
+        scales = module.scales.double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zeros = torch.zeros(len(scales), dtype=torch.long)
+            qtensor = torch._make_per_channel_quantized_tensor(module.qweight, scales, zeros, 0)
+            packed = torch.ops.quantized.linear_prepack(qtensor, None)
+
+        def forward(x: torch.Tensor, packed=packed, out_features=module.out_features) -> torch.Tensor:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            parts = [
+                torch.ops.quantized.linear_dynamic(rows[i : i + row_block], packed, True)
+                for i in range(0, len(rows), row_block)
+            ]
+            return torch.cat(parts).to(x.dtype).view(*x.shape[:-1], out_features)
+
+        module.forward = forward
+        count += 1
+    return count
+
+
+def compare(got: torch.Tensor, reference: torch.Tensor) -> dict:
+    got, reference = got.double(), reference.double()
+    cosine = F.cosine_similarity(got, reference, dim=-1)
+    return {
+        "rel_error": ((got - reference).norm() / reference.norm()).item(),
+        "cosine_mean": cosine.mean().item(),
+        "cosine_min": cosine.min().item(),
+        "top1_agreement": (got.argmax(-1) == reference.argmax(-1)).double().mean().item(),
+    }
+
+
+def main() -> None:
+    from conftest import save_reference_lm, text_config
+
+    import gemma3n
+
+    torch.manual_seed(0)
+    directory = tempfile.mkdtemp(prefix="int8-quality-")
+    save_reference_lm(directory, text_config(vocab_size_per_layer_input=300))
+    ids = torch.randint(3, 300, (2, 64), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    real = mask.bool()
+
+    def logits(model) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(ids, attention_mask=mask).logits[real].float()
+
+    reference = logits(gemma3n.load(directory, dtype=torch.float32))
+    rows: dict = {"bf16 (no quantization)": compare(logits(gemma3n.load(directory, dtype=torch.bfloat16)), reference)}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        rows[f"int8 weight-only, {name} activations"] = compare(
+            logits(gemma3n.load(directory, dtype=dtype, quantize="int8")), reference
+        )
+        for block in (1, 16):
+            model = gemma3n.load(directory, dtype=dtype, quantize="int8")
+            layers = use_fbgemm(model, block)
+            rows[f"int8 fbgemm dynamic, 1 scale per {block} row(s), {name}"] = {
+                **compare(logits(model), reference),
+                "layers": layers,
+            }
+    out = HERE / "results" / "int8_activation_quality.json"
+    out.write_text(json.dumps({"torch": torch.__version__, "positions": int(real.sum()), "rows": rows}, indent=2))
+    lines = [
+        f"Small random Gemma 3n (tests' text_config, written by transformers), {int(real.sum())} positions, against "
+        "fp32 logits. Command: `python benchmarks/bench_int8_activation_quality.py`.",
+        "",
+        "| configuration | rel. logit error | cosine mean (min) | top-1 agreement |",
+        "|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['rel_error']:.4f} | {r['cosine_mean']:.5f} ({r['cosine_min']:.4f}) | "
+            f"{r['top1_agreement']:.3f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
