@@ -256,6 +256,7 @@ def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": getattr(args, "top_k", None),
         "top_p": getattr(args, "top_p", None),
         "seed": getattr(args, "seed", None),
+        "compile": True if getattr(args, "compile", False) else None,
     }
     return {k: v for k, v in settings.items() if v is not None}
 
@@ -704,6 +705,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=["int8", "int4"],
         default=None,
         help="weight-only quantized text decoder and LM head, CPU (default: none, the checkpoint's precision)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile: minutes once (cached on disk for later runs), then "
+        "1.2-1.7x faster decoding on CPU; pays off for long batch jobs (default: eager)",
     )
 
 

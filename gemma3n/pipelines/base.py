@@ -18,7 +18,9 @@ from ..generation import GenerationConfig, stream_generate
 from ..processors.chat import chat_media
 
 # Keywords that go to generation rather than to the task (GenerationConfig fields and generate()'s extras).
-GENERATION_KEYS = frozenset({f.name for f in fields(GenerationConfig)} | {"eos_token_id", "seed", "generator"})
+GENERATION_KEYS = frozenset(
+    {f.name for f in fields(GenerationConfig)} | {"eos_token_id", "seed", "generator", "compile"}
+)
 # Keywords every pipeline call accepts besides its task's own.
 COMMON_KEYS = frozenset({"batch_size", "progress", "on_batch", "generate_kwargs", "stop_sequence"})
 
@@ -113,7 +115,7 @@ class Pipeline:
         self.progress = progress
         self._task_defaults, gen = self._split_kwargs(defaults)
         self.generation_config = self._base_generation_config().updated(**_config_part(gen))
-        self._generate_defaults = {k: v for k, v in gen.items() if k in ("seed", "generator")}
+        self._generate_defaults = {k: v for k, v in gen.items() if k in ("seed", "generator", "compile")}
 
     # ---- settings -----------------------------------------------------------------------------------------------
     @property
@@ -186,6 +188,7 @@ class Pipeline:
             seed=gen.get("seed"),
             generator=gen.get("generator"),
             tokenizer=self.processor,
+            compile=bool(gen.get("compile", False)),
         )
 
     def forward(self, prompts: Sequence[Prompt], gen: dict[str, Any]) -> list[Generated]:
@@ -352,8 +355,8 @@ def check_model_task(model: Any, task: str) -> None:
 
 
 def _config_part(gen: dict[str, Any]) -> dict[str, Any]:
-    """The GenerationConfig fields of a generation-settings dict (seed and generator go to generate directly)."""
-    return {k: v for k, v in gen.items() if k not in ("seed", "generator")}
+    """The GenerationConfig fields of a generation-settings dict (seed, generator and compile go to generate)."""
+    return {k: v for k, v in gen.items() if k not in ("seed", "generator", "compile")}
 
 
 def _check_batch_size(batch_size: Any) -> int:
