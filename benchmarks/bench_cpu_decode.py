@@ -269,12 +269,14 @@ def summarize_kernels(rounds: list[dict], summary: dict) -> dict:
     def spread(values: list[float]) -> dict:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
-    out: dict = {"read_gbs": spread([m["read_gbs"] for m in measured]), "kernels": {}}
+    copies = [r["copy_gbs"] for r in rounds if r.get("kernels", {}).get("available")]
+    out: dict = {"read_gbs": spread([m["read_gbs"] for m in measured]), "copy_gbs": spread(copies), "kernels": {}}
     for name in measured[0]["kernels"]:
-        pairs = [(m["kernels"][name], m["read_gbs"]) for m in measured if name in m["kernels"]]
-        runs = [run for run, _ in pairs]
+        triples = [(m["kernels"][name], m["read_gbs"], c) for m, c in zip(measured, copies, strict=True)]
+        runs = [run for run, _, _ in triples]
         row = {key: spread([run[key] for run in runs]) for key in runs[0] if key.endswith("_gbs")}
-        row["of_read_b1"] = spread([run["layers_b1_gbs"] / read for run, read in pairs])
+        row["of_read_b1"] = spread([run["layers_b1_gbs"] / read for run, read, _ in triples])
+        row["of_copy_b1"] = spread([run["layers_b1_gbs"] / copy for run, _, copy in triples])
         precision = name.split()[0]
         impl = summary.get(f"gemma3n-{precision}", {})
         per_token = impl.get("weight_bytes_per_token") if impl.get("available") else None
@@ -329,17 +331,19 @@ def markdown(results: dict) -> str:
         lines += [
             "",
             f"Matmul kernels alone (``kernel_ceilings.py``, same rounds): GB/s of weight read, over {LAYERS} E2B "
-            f"layers' matrices and over the LM head, 1 and 4 rows; read bandwidth (sum of 1 GiB) {fmt(read, 1)} GB/s. "
-            "The ceiling is the decode tok/s the kernel allows with no other work in the step.",
+            f"layers' matrices and over the LM head, 1 and 4 rows; read bandwidth (amax over 1 GiB of float32) "
+            f"{fmt(read, 1)} GB/s, "
+            f"copy {fmt(kernels['copy_gbs'], 1)} GB/s (source bytes) in the same rounds. The ceiling is the decode "
+            "tok/s the kernel allows with no other work in the step.",
             "",
-            "| kernel | layers b1 GB/s | of read bandwidth | LM head b1 GB/s | layers b4 GB/s | LM head b4 GB/s | "
-            "ceiling b1 tok/s |",
-            "|---|---|---|---|---|---|---|",
+            "| kernel | layers b1 GB/s | of read bandwidth | of copy | LM head b1 GB/s | layers b4 GB/s | "
+            "LM head b4 GB/s | ceiling b1 tok/s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, row in kernels["kernels"].items():
             ceiling = row.get("ceiling_b1_tok_s")
             lines.append(
-                f"| {name} | {fmt(row['layers_b1_gbs'], 1)} | {fmt(row['of_read_b1'])} | "
+                f"| {name} | {fmt(row['layers_b1_gbs'], 1)} | {fmt(row['of_read_b1'])} | {fmt(row['of_copy_b1'])} | "
                 f"{fmt(row['lm_head_b1_gbs'], 1)} | {fmt(row['layers_b4_gbs'], 1)} | {fmt(row['lm_head_b4_gbs'], 1)} | "
                 f"{f'{ceiling:.2f}' if ceiling else '-'} |"
             )
@@ -355,8 +359,17 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cpu_decode_e2b.json")
+    parser.add_argument("--render", action="store_true", help="only re-write the markdown table from --out's JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        results = json.loads(args.out.read_text())
+        results["summary"] = summarize(results["per_round"], results["impls"])
+        results["kernel_summary"] = summarize_kernels(results["per_round"], results["summary"])
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(results) + "\n")
+        print(markdown(results))
+        return
     if args.child == KERNELS:
         from kernel_ceilings import kernel_ceilings
 

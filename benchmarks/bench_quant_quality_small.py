@@ -1,14 +1,16 @@
-"""Why gemma3n's int8 stays weight-only: the logit error of fbgemm's dynamic int8 GEMM on a small random model.
+"""Quantization quality on a small random model: int8 and int4 weight-only against fp32, and why int8 stays
+weight-only (the logit error of fbgemm's dynamic int8 GEMM).
 
-    python benchmarks/bench_int8_activation_quality.py
+    python benchmarks/bench_quant_quality_small.py
 
 fbgemm's ``linear_dynamic`` streams an int8 weight about 1.5x faster than torch's weight-only int8 kernel on this CPU
 (``kernel_ceilings.py``), but it also quantizes the activations: 7-bit unsigned with one scale and zero point per call
 (7 bits so that AVX2's pairwise int16 sums cannot saturate). This script builds a small random Gemma 3n with
 transformers (``save_pretrained``), loads it with gemma3n at ``quantize="int8"``, and compares against the fp32 model:
 the weight-only kernel as shipped, and the same int8 weights through fbgemm with one activation scale per row and per
-block of 16 rows. bf16 (no quantization) is given for scale. 2 rows x 64 tokens, row 1 left-padded by 6.
-Writes ``benchmarks/results/int8_activation_quality.{json,md}``.
+block of 16 rows; int4 weight-only with groups of 32 (the tiny widths are multiples of 32, not all of 64). bf16 (no
+quantization) is given for scale. 4 rows x 80 tokens (longer than the sliding window), row 1 left-padded by 6: 314
+positions. Writes ``benchmarks/results/quant_quality_small.{json,md}``.
 """
 
 from __future__ import annotations
@@ -69,11 +71,12 @@ def main() -> None:
     from conftest import save_reference_lm, text_config
 
     import gemma3n
+    from gemma3n import quantize
 
     torch.manual_seed(0)
     directory = tempfile.mkdtemp(prefix="int8-quality-")
     save_reference_lm(directory, text_config(vocab_size_per_layer_input=300))
-    ids = torch.randint(3, 300, (2, 64), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, 300, (4, 80), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
     real = mask.bool()
@@ -96,11 +99,15 @@ def main() -> None:
                 **compare(logits(model), reference),
                 "layers": layers,
             }
-    out = HERE / "results" / "int8_activation_quality.json"
+        quantize.DEFAULT_INT4_GROUP_SIZE = 32
+        rows[f"int4 g32 weight-only, {name} activations"] = compare(
+            logits(gemma3n.load(directory, dtype=dtype, quantize="int4")), reference
+        )
+    out = HERE / "results" / "quant_quality_small.json"
     out.write_text(json.dumps({"torch": torch.__version__, "positions": int(real.sum()), "rows": rows}, indent=2))
     lines = [
         f"Small random Gemma 3n (tests' text_config, written by transformers), {int(real.sum())} positions, against "
-        "fp32 logits. Command: `python benchmarks/bench_int8_activation_quality.py`.",
+        "fp32 logits. Command: `python benchmarks/bench_quant_quality_small.py`.",
         "",
         "| configuration | rel. logit error | cosine mean (min) | top-1 agreement |",
         "|---|---|---|---|",
