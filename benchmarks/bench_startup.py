@@ -64,6 +64,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--image", default="cat.png", help="a file of examples/images")
     parser.add_argument("--baseline", default=None, metavar="REF", help="also time this git revision (e.g. main)")
+    parser.add_argument(
+        "--passive-omp",
+        action="store_true",
+        help="add a caption row of this checkout with OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep, not spin)",
+    )
     parser.add_argument("--lock", default="/tmp/gemma3n-heavy.lock", help="flock held for the whole run ('' for none)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "startup_cpu"))
     args = parser.parse_args()
@@ -81,31 +86,38 @@ def main() -> None:
         caption = ["caption", image, "--model", "tiny-random", "--output", output, "--overwrite", "--timings"]
         python = [sys.executable]
 
-        def env_for(code: Path) -> dict[str, str]:
-            return {**os.environ, "PYTHONPATH": str(code), "GEMMA3N_CACHE": str(cache)}
+        def env_for(code: Path, extra: dict[str, str]) -> dict[str, str]:
+            return {**os.environ, "PYTHONPATH": str(code), "GEMMA3N_CACHE": str(cache), **extra}
 
-        commands: dict[str, tuple[list[str], Path]] = {}
+        commands: dict[str, tuple[list[str], Path, dict[str, str]]] = {}
         for label, code in codes.items():
-            commands[f"{label}: gemma3n --help"] = ([*python, "-m", "gemma3n", "--help"], code)
+            commands[f"{label}: gemma3n --help"] = ([*python, "-m", "gemma3n", "--help"], code, {})
             has_timings = '"--timings"' in (code / "gemma3n" / "cli.py").read_text(encoding="utf-8")
             run = caption if has_timings else caption[:-1]  # an older revision: wall time only
-            commands[f"{label}: gemma3n caption (1 image, tiny-random)"] = ([*python, "-m", "gemma3n", *run], code)
-        commands["floor: python -c pass"] = ([*python, "-c", "pass"], ROOT)
-        commands["floor: python -c 'import torch'"] = ([*python, "-c", "import torch"], ROOT)
-        commands["floor: python -c 'import torch, timm'"] = ([*python, "-c", "import torch, timm"], ROOT)
+            commands[f"{label}: gemma3n caption (1 image, tiny-random)"] = ([*python, "-m", "gemma3n", *run], code, {})
+        if args.passive_omp:
+            passive = {"OMP_WAIT_POLICY": "PASSIVE"}
+            commands["this checkout, OMP_WAIT_POLICY=PASSIVE: gemma3n caption (1 image, tiny-random)"] = (
+                [*python, "-m", "gemma3n", *caption],
+                ROOT,
+                passive,
+            )
+        commands["floor: python -c pass"] = ([*python, "-c", "pass"], ROOT, {})
+        commands["floor: python -c 'import torch'"] = ([*python, "-c", "import torch"], ROOT, {})
+        commands["floor: python -c 'import torch, timm'"] = ([*python, "-c", "import torch, timm"], ROOT, {})
 
         walls: dict[str, list[float]] = {name: [] for name in commands}
         phases: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
         with maybe_locked(args.lock or None):
             load_before = os.getloadavg()
-            first_wall, first = timed_run([*python, "-m", "gemma3n", *caption], env_for(ROOT), workdir)
+            first_wall, first = timed_run([*python, "-m", "gemma3n", *caption], env_for(ROOT, {}), workdir)
             if first.returncode != 0:
                 sys.exit(f"the first caption run failed:\n{first.stderr}")
             first_timings = parse_timings(first.stderr)
             print(f"first run (builds tiny-random): {first_wall:.2f} s", file=sys.stderr)
             for round_index in range(args.rounds):
-                for name, (command, code) in commands.items():
-                    wall, result = timed_run(command, env_for(code), workdir)
+                for name, (command, code, extra) in commands.items():
+                    wall, result = timed_run(command, env_for(code, extra), workdir)
                     if result.returncode != 0:
                         sys.exit(f"{name} failed (exit {result.returncode}):\n{result.stderr}")
                     walls[name].append(wall)
