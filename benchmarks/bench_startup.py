@@ -37,6 +37,7 @@ TIMINGS_MARK = "timings (s): "
 
 def export_revision(ref: str, into: Path) -> Path:
     """The ``gemma3n`` package of git revision ``ref`` written under ``into`` (a PYTHONPATH root)."""
+    into.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "archive", ref, "gemma3n"], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
@@ -142,6 +143,9 @@ def main() -> None:
             if runs
         },
         "command": "python benchmarks/bench_startup.py " + " ".join(sys.argv[1:]),
+        "commit": subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +158,8 @@ def markdown(results: dict) -> str:
     lines = [
         "# Cold-process startup (CPU)",
         "",
-        f"`{results['command']}`; {results['machine']['cpus']} CPUs, Python {results['machine']['python']}; "
+        f"`{results['command']}` at {results['commit']}; {results['machine']['cpus']} CPUs, "
+        f"Python {results['machine']['python']}; "
         f"{results['rounds']} interleaved rounds; load average (1, 5, 15 min) before "
         f"{', '.join(f'{x:.2f}' for x in results['load_average_before'])}, after "
         f"{', '.join(f'{x:.2f}' for x in results['load_average_after'])}.",
