@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .cli_timings import PhaseTimer
 from .file_items import caption_batch, decode_audio, run_with_fallback, transcribe_batch
 from .file_items import one_line as _one_line
 from .file_items import open_image as _open_image
@@ -216,36 +218,97 @@ class ResultLog:
 
 def load_pipeline(task: str, args: argparse.Namespace, *, text_only: bool = False) -> Any:
     """Resolve ``--model`` and build the pipeline; every failure becomes a one-line CliError."""
+    model = load_model(args, text_only=text_only)
     from .pipelines import TASKS
 
-    model = load_model(args, text_only=text_only)
     try:
-        return TASKS[task](model, batch_size=getattr(args, "batch_size", 1), progress=False)
+        pipe = TASKS[task](model, batch_size=getattr(args, "batch_size", 1), progress=False)
     except ValueError as err:  # the checkpoint's head does not fit the task
         raise CliError(_one_line(err)) from None
+    timer = _timer(args)
+    if timer.enabled:
+        with timer.phase("processor"):
+            pipe.processor  # noqa: B018 - loaded here (else on first use) so that its time is told apart
+        timer.watch_model(model)
+        timer.wrap(pipe, "preprocess", "preprocess")
+        timer.wrap(pipe, "model_inputs", "preprocess")
+    return pipe
 
 
 def load_model(args: argparse.Namespace, *, text_only: bool = False) -> Any:
     """Resolve ``--model`` and load it; every failure becomes a one-line CliError."""
-    from .model import load
     from .model_names import ModelNotFoundError, resolve_model_name
-    from .pipelines import default_device
 
+    timer = _timer(args)
     try:
         path = resolve_model_name(args.model)
     except ModelNotFoundError as err:
         raise CliError(str(err)) from None
-    try:
-        model = load(
-            path,
-            device=args.device or default_device(),
-            dtype=args.dtype,
-            text_only=text_only,
-            quantize=getattr(args, "quantize", None),
-        )
-    except Exception as err:  # config, weights, device or dtype problems: all reported in one line
-        raise CliError(f"cannot load model {args.model!r}: {_one_line(err)}") from None
+    long_lived = _long_lived_objects() if getattr(args, "owns_process", False) else contextlib.nullcontext()
+    with long_lived:
+        with timer.phase("imports"):
+            from .model import load
+            from .pipelines import default_device
+
+            _import_towers(path, text_only)
+        try:
+            with timer.phase("load"):
+                model = load(
+                    path,
+                    device=args.device or default_device(),
+                    dtype=args.dtype,
+                    text_only=text_only,
+                    quantize=getattr(args, "quantize", None),
+                )
+        except Exception as err:  # config, weights, device or dtype problems: all reported in one line
+            raise CliError(f"cannot load model {args.model!r}: {_one_line(err)}") from None
     return model
+
+
+@contextlib.contextmanager
+def _long_lived_objects() -> Iterator[None]:
+    """No garbage collection while the block runs, then its objects are moved out of the collector's sight.
+
+    Importing torch and timm and building the model create millions of objects (modules, functions, classes) that
+    live until the process exits. Left to the collector, each full collection during the imports walks all of them
+    again, and so do the collections at interpreter exit (on 2 cores: about 1 s less import time, exit 1.5 s -> 0.4 s;
+    a cold tiny-random caption 9.2 s -> 5.7 s in ``benchmarks/results/startup_cpu.md``). ``gc.freeze()`` moves
+    everything alive into the permanent generation, which no collection scans; collection is on again for the objects
+    the run itself creates. The cost: reference cycles that became garbage inside the block are never freed. Only
+    a command that owns its process does this (``main()`` with no ``argv``: the ``gemma3n`` script, ``python -m
+    gemma3n``); the library and in-process calls leave their caller's heap alone.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def _import_towers(path: Path, text_only: bool) -> None:
+    """Import the encoder modules the checkpoint's config asks for (the vision tower's pulls in timm), so that
+    ``--timings`` tells import time from load time; a config that cannot be read is left to the loader to report."""
+    if text_only:
+        return
+    from .config import read_config_json
+
+    try:
+        config = read_config_json(path)
+    except Exception:
+        return
+    if config.get("vision_config"):
+        from .encoders import vision  # noqa: F401
+    if config.get("audio_config"):
+        from .encoders import audio  # noqa: F401
+
+
+def _timer(args: argparse.Namespace) -> PhaseTimer:
+    """The command's phase timer (set by :func:`main`; a disabled one when a command is called directly)."""
+    timer = getattr(args, "timer", None)
+    return timer if isinstance(timer, PhaseTimer) else PhaseTimer(enabled=False)
 
 
 def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -445,13 +508,14 @@ def run_file_job(
     if args.ray or args.ray_address is not None:
         return run_on_ray(args, job, settings, log, todo, tally)
     pipe = load_pipeline(job.task, args)
+    timer = _timer(args)
     log.open(todo)
     try:
         runner = FileRunner(
             job,
             log,
             args.batch_size,
-            functools.partial(decode, pipe),
+            timer.wrap_callable(functools.partial(decode, pipe), "read"),
             functools.partial(run_batch, pipe),
             measure,
         )
@@ -460,6 +524,8 @@ def run_file_job(
         log.close()
         for line in tally.summary(job.command, log.where):
             print(line, file=sys.stderr)
+        if timer.enabled:
+            print(timer.report_line(job.command), file=sys.stderr)
     return 1 if tally.failures else 0
 
 
@@ -725,6 +791,11 @@ def _add_output_options(parser: argparse.ArgumentParser, batch_help: str, batch_
     parser.add_argument(
         "--overwrite", action="store_true", help="start over: replace an existing --output file (default: resume it)"
     )
+    parser.add_argument(
+        "--timings",
+        action="store_true",
+        help="end with one stderr line of seconds per phase (imports, load, towers, decoding, ...) as JSON",
+    )
 
 
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
@@ -850,8 +921,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gemma3n`` console script and ``python -m gemma3n``; returns the exit status."""
+    """Entry point of the ``gemma3n`` console script and ``python -m gemma3n``; returns the exit status.
+
+    Called without ``argv`` (the arguments are the process's), the command owns the process and keeps the garbage
+    collector off the objects of the imports and the model (see :func:`_long_lived_objects`).
+    """
+    timer = PhaseTimer(enabled=False)  # the command's time counts from here, parsing included
     args = build_parser().parse_args(argv)
+    args.owns_process = argv is None
+    if getattr(args, "timings", False):
+        args.timer = timer.enable()
     previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *_args, **_kwargs: f"gemma3n {args.command}: warning: {message}\n"
     try:

@@ -95,7 +95,7 @@ def random_tensors(
     from .model import Gemma3n
 
     config = Gemma3nConfig.from_dict(config_dict)
-    with torch.device("cpu"):
+    with torch.device("meta"):  # only the names, shapes and dtypes are read: no memory, no random init to pay for
         model = Gemma3n(config)
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -132,7 +132,7 @@ def _random_like(name: str, value: torch.Tensor, generator: torch.Generator) -> 
     import torch
 
     if not value.is_floating_point():
-        return value.clone()
+        raise ValueError(f"tiny-random: no rule for the non-floating tensor {name!r}")
     noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
     if value.dim() <= 1:
         leaf = name.rsplit(".", 2)[-2] if name.count(".") else name
