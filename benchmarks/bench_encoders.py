@@ -291,8 +291,8 @@ def main() -> None:
         return
 
     results = []
-    for part in args.parts:
-        for dtype in args.dtypes:
+    for dtype in args.dtypes:  # bf16 first (the faster runs): a run cut short still has both towers
+        for part in args.parts:
             command = [sys.executable, __file__, "--child", part, dtype, "--rounds", str(args.rounds)]
             command += ["--batch-sizes", *map(str, args.batch_sizes)] + (["--no-compiled"] if args.no_compiled else [])
             print(f"{part} {dtype}: waiting for {LOCK} ...", file=sys.stderr, flush=True)
