@@ -4,9 +4,11 @@
     python benchmarks/bench_encoders.py --parts vision --dtypes bfloat16 --batch-sizes 1 --rounds 2
 
 Each (tower, dtype) runs in its own child process (the two fp32 audio towers hold ~6 GB) while holding
-/tmp/gemma3n-heavy.lock, so the machine's other heavy jobs do not overlap it. Inside a child, transformers' module and
-ours (sharing one set of weights) alternate call by call over ``--rounds`` rounds after one warm-up call each; the
-figures are medians with their ranges, per image (768x768) or per 30 s clip (3000 log-mel frames).
+/tmp/gemma3n-heavy.lock, so the machine's other heavy jobs do not overlap it. Inside a child, transformers' module,
+ours, and ours through ``enable_compile()`` (torch.compile with inductor freezing; ``--no-compiled`` leaves it out), all
+sharing one set of weights, alternate call by call over ``--rounds`` rounds after one warm-up call each (its time is
+reported: for the compiled variant it is the one-time compilation); the figures are medians with their ranges, per
+image (768x768) or per 30 s clip (3000 log-mel frames).
 
 The same child measures what the hardware allows: a large matmul in the tower's dtype (GFLOP/s) and a 1 GiB copy
 (GB/s); each tower figure is given as achieved GFLOP/s (its FLOPs counted by torch's FlopCounterMode on the meta
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import statistics
@@ -51,8 +54,9 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.5 + noise)
 
 
-def build_pair(part: str, dtype: torch.dtype):
-    """(reference callable, our callable, input factory(batch), flops per item, label) on shared random weights."""
+def build_pair(part: str, dtype: torch.dtype, compiled: bool):
+    """({name: callable} for transformers, gemma3n and (``compiled``) gemma3n-compiled, input factory(batch), flops per
+    item), all on one set of shared random weights."""
     import transformers
     from transformers.models.gemma3n import modeling_gemma3n as hf
 
@@ -77,16 +81,21 @@ def build_pair(part: str, dtype: torch.dtype):
     _randomise(embed, 2)
     tower, embed = tower.to(dtype).requires_grad_(False), embed.to(dtype).requires_grad_(False)
 
-    with torch.device("meta"):
-        if part == "vision":
-            our_tower = VisionTower(ours_section, ours_config.vision_soft_tokens_per_image)
-        else:
-            our_tower = AudioEncoder(ours_section)
-        our_embed = MultimodalEmbedder.from_config(ours_section, ours_config.text)
-    # our towers use the checkpoint's own names: the reference state dicts load as they are
-    our_tower.load_state_dict(dict(tower.state_dict()), strict=True, assign=True)
-    our_embed.load_state_dict(dict(embed.state_dict()), strict=True, assign=True)
-    our_tower, our_embed = our_tower.eval(), our_embed.eval()
+    def our_modules():
+        with torch.device("meta"):
+            if part == "vision":
+                our_tower = VisionTower(ours_section, ours_config.vision_soft_tokens_per_image)
+            else:
+                our_tower = AudioEncoder(ours_section)
+            our_embed = MultimodalEmbedder.from_config(ours_section, ours_config.text)
+        # our towers use the checkpoint's own names: the reference state dicts load as they are (same tensors)
+        our_tower.load_state_dict(dict(tower.state_dict()), strict=True, assign=True)
+        our_embed.load_state_dict(dict(embed.state_dict()), strict=True, assign=True)
+        return our_tower.eval(), our_embed.eval()
+
+    our_tower, our_embed = our_modules()
+    compiled_tower, compiled_embed = our_modules()
+    compiled_tower.enable_compile()
 
     if part == "vision":
         hidden, tokens = section.hidden_size, ref_config.vision_soft_tokens_per_image
@@ -97,7 +106,7 @@ def build_pair(part: str, dtype: torch.dtype):
             soft = fmap.reshape(fmap.shape[0], hidden, tokens).permute(0, 2, 1) * hidden**0.5
             return embed(inputs_embeds=soft)
 
-        def ours(pixels):
+        def ours(pixels, our_tower=our_tower, our_embed=our_embed):
             return our_embed.embed_soft(our_tower(pixels))
 
         def inputs(batch):
@@ -113,7 +122,7 @@ def build_pair(part: str, dtype: torch.dtype):
             out = tower(features, ~valid, return_dict=True)  # transformers' mask: True = padded frame
             return embed(inputs_embeds=out.last_hidden_state)
 
-        def ours(features, valid):
+        def ours(features, valid, our_tower=our_tower, our_embed=our_embed):
             encodings, _ = our_tower(features, valid)
             return our_embed.embed_soft(encodings)
 
@@ -128,7 +137,10 @@ def build_pair(part: str, dtype: torch.dtype):
                 torch.empty(1, CLIP_FRAMES, section.input_feat_size), torch.zeros(1, CLIP_FRAMES, dtype=torch.bool)
             ),
         )
-    return reference, ours, inputs, flops
+    impls = {"transformers": reference, "gemma3n": ours}
+    if compiled:
+        impls["gemma3n-compiled"] = functools.partial(ours, our_tower=compiled_tower, our_embed=compiled_embed)
+    return impls, inputs, flops
 
 
 def _count_flops(build, run) -> float:
@@ -147,16 +159,31 @@ def _count_flops(build, run) -> float:
     return float(counter.get_total_flops())
 
 
+MATMUL_SIZES = (1024, 2048, 4096)
+
+
 def hardware_limits(dtype: torch.dtype) -> dict:
-    """Matmul GFLOP/s in ``dtype`` (n = 2048, best of 3) and copy bandwidth (1 GiB, best of 3)."""
-    n = 2048
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(3))
+    """Matmul GFLOP/s in ``dtype`` (square n x n, best of 3 per n; the peak is the best n) and copy bandwidth (1 GiB).
+
+    oneDNN picks different kernels per size (with AMX, bf16 at n = 4096 runs ~3x faster than at n = 2048 on this
+    machine type), so one size can understate what the hardware does.
+    """
+    per_size = {}
+    for n in MATMUL_SIZES:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b
+        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(3))
+        per_size[n] = 2 * n**3 / best / 1e9
     src = torch.empty(2**30, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     copy = min(_timed(lambda: dst.copy_(src)) for _ in range(3))
-    return {"matmul_gflops": 2 * n**3 / best / 1e9, "copy_gbs": 2 * src.numel() / copy / 1e9}
+    peak_n = max(per_size, key=per_size.get)
+    return {
+        "matmul_gflops": per_size[peak_n],
+        "matmul_peak_n": peak_n,
+        "matmul_gflops_per_n": per_size,
+        "copy_gbs": 2 * src.numel() / copy / 1e9,
+    }
 
 
 def _timed(fn) -> float:
@@ -165,35 +192,44 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_child(part: str, dtype_name: str, batch_sizes: list[int], rounds: int) -> dict:
+def run_child(part: str, dtype_name: str, batch_sizes: list[int], rounds: int, compiled: bool) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     dtype = DTYPES[dtype_name]
-    reference, ours, inputs, flops = build_pair(part, dtype)
+    impls, inputs, flops = build_pair(part, dtype, compiled)
     limits = hardware_limits(dtype)
     rows = []
     with torch.no_grad():
         for batch in batch_sizes:
             args = inputs(batch)
-            ref_out, our_out = reference(*args), ours(*args)  # warm-up (oneDNN primitives, packed weights)
-            rel = float((our_out.double() - ref_out.double()).norm() / ref_out.double().norm())
-            times = {"transformers": [], "gemma3n": []}
+            # warm-up: oneDNN primitives, packed weights; for the compiled variant, the compilation
+            first_call_s, outs = {}, {}
+            for name, fn in impls.items():
+                start = time.perf_counter()
+                outs[name] = fn(*args).double()
+                first_call_s[name] = time.perf_counter() - start
+            ref_out = outs["transformers"]
+            rel = {name: float((out - ref_out).norm() / ref_out.norm()) for name, out in outs.items()}
+            del outs
+            times = {name: [] for name in impls}
             load = []
             for _ in range(rounds):
-                for name, fn in (("transformers", reference), ("gemma3n", ours)):
+                for name, fn in impls.items():
                     times[name].append(_timed(lambda fn=fn: fn(*args)) / batch)
                 load.append(os.getloadavg()[0])
-            row = {"part": part, "dtype": dtype_name, "batch": batch, "rel_diff_vs_transformers": rel}
+            row = {"part": part, "dtype": dtype_name, "batch": batch, "impls": {}}
             for name, values in times.items():
                 median = statistics.median(values)
-                row[name] = {
+                row["impls"][name] = {
                     "ms_per_item_median": 1e3 * median,
                     "ms_per_item_min": 1e3 * min(values),
                     "ms_per_item_max": 1e3 * max(values),
+                    "first_call_s": first_call_s[name],
                     "gflops": flops / median / 1e9,
                     "fraction_of_matmul": flops / median / 1e9 / limits["matmul_gflops"],
+                    "rel_diff_vs_transformers": rel[name],
+                    "speedup_median": statistics.median(times["transformers"]) / median,
+                    "speedup_per_round": [r / o for r, o in zip(times["transformers"], values, strict=True)],
                 }
-            row["speedup_median"] = row["transformers"]["ms_per_item_median"] / row["gemma3n"]["ms_per_item_median"]
-            row["speedup_per_round"] = [r / o for r, o in zip(times["transformers"], times["gemma3n"], strict=True)]
             row["load_average_1min"] = load
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -205,28 +241,35 @@ def run_child(part: str, dtype_name: str, batch_sizes: list[int], rounds: int) -
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| tower | dtype | batch | transformers ms/item (range) | gemma3n ms/item (range) | speedup (per round) "
-        "| gemma3n GFLOP/s (of matmul) | rel. diff | load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tower | dtype | batch | implementation | ms/item (range) | speedup vs transformers (per round) "
+        "| GFLOP/s (of peak matmul) | first call s | rel. diff vs transformers | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         for row in res["rows"]:
-            t, g = row["transformers"], row["gemma3n"]
-            per_round = ", ".join(f"{s:.2f}" for s in row["speedup_per_round"])
+            for name, r in row["impls"].items():
+                per_round = ", ".join(f"{s:.2f}" for s in r["speedup_per_round"])
+                lines.append(
+                    f"| {row['part']} | {row['dtype']} | {row['batch']} | {name} "
+                    f"| {r['ms_per_item_median']:.0f} ({r['ms_per_item_min']:.0f}-{r['ms_per_item_max']:.0f}) "
+                    f"| {r['speedup_median']:.2f}x ({per_round}) "
+                    f"| {r['gflops']:.0f} ({100 * r['fraction_of_matmul']:.0f}%) | {r['first_call_s']:.1f} "
+                    f"| {r['rel_diff_vs_transformers']:.1e} | {statistics.median(row['load_average_1min']):.1f} |"
+                )
+            t = row["impls"]["transformers"]
             lines.append(
-                f"| {row['part']} | {row['dtype']} | {row['batch']} "
-                f"| {t['ms_per_item_median']:.0f} ({t['ms_per_item_min']:.0f}-{t['ms_per_item_max']:.0f}) "
-                f"| {g['ms_per_item_median']:.0f} ({g['ms_per_item_min']:.0f}-{g['ms_per_item_max']:.0f}) "
-                f"| {row['speedup_median']:.2f}x ({per_round}) "
-                f"| {g['gflops']:.0f} ({100 * g['fraction_of_matmul']:.0f}%) "
-                f"| {row['rel_diff_vs_transformers']:.1e} | {statistics.median(row['load_average_1min']):.1f} |"
+                f"| {row['part']} | {row['dtype']} | {row['batch']} | *3x transformers would need* "
+                f"| {t['ms_per_item_median'] / 3:.0f} | 3.00x "
+                f"| {3 * t['gflops']:.0f} ({300 * t['fraction_of_matmul']:.0f}%) | | | |"
             )
     lines.append("")
     for res in results:
         lim = res["limits"]
+        sizes = ", ".join(f"{n}: {g:.0f}" for n, g in lim["matmul_gflops_per_n"].items())
         lines.append(
             f"- {res['part']} {res['dtype']}: {res['gflop_per_item']:.0f} GFLOP per item; same process: "
-            f"{lim['matmul_gflops']:.0f} GFLOP/s matmul (n=2048), {lim['copy_gbs']:.1f} GB/s copy, "
+            f"{lim['matmul_gflops']:.0f} GFLOP/s peak matmul (best of n = {sizes}), "
+            f"{lim['copy_gbs']:.1f} GB/s copy, "
             f"{res['threads']} threads"
         )
     return "\n".join(lines) + "\n"
@@ -238,18 +281,20 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile variant")
     parser.add_argument("--out", default="benchmarks/results/encoders_cpu")
     parser.add_argument("--child", nargs=2, metavar=("PART", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(args.child[0], args.child[1], args.batch_sizes, args.rounds)))
+        result = run_child(args.child[0], args.child[1], args.batch_sizes, args.rounds, not args.no_compiled)
+        print(json.dumps(result))
         return
 
     results = []
-    for part in args.parts:
-        for dtype in args.dtypes:
+    for dtype in args.dtypes:  # bf16 first (the faster runs): a run cut short still has both towers
+        for part in args.parts:
             command = [sys.executable, __file__, "--child", part, dtype, "--rounds", str(args.rounds)]
-            command += ["--batch-sizes", *map(str, args.batch_sizes)]
+            command += ["--batch-sizes", *map(str, args.batch_sizes)] + (["--no-compiled"] if args.no_compiled else [])
             print(f"{part} {dtype}: waiting for {LOCK} ...", file=sys.stderr, flush=True)
             with open(LOCK, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)

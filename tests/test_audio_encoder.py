@@ -189,6 +189,21 @@ def test_encode_traces_as_one_graph(published):
     assert torch.equal(valid, expected_valid) and relative_error(out, expected) <= 1e-6
 
 
+def test_compiled_fp32_parity_mixed_batch(published):
+    """``enable_compile()``: inductor with frozen weights, fused elementwise kernels; the reference's tolerance."""
+    tower, path, _ = published
+    encoder = load_encoder(path).enable_compile()
+    feats, mask = log_mel_like(LENGTHS, 128)
+    ref, ref_valid = _reference_run(tower, feats, mask)
+    with torch.no_grad():
+        out, valid = encoder(feats, mask)
+    assert torch.equal(valid, ref_valid)
+    assert relative_error(out, ref) <= FP32_REL and (out - ref).abs().max() <= FP32_ABS
+    assert (out[~valid] == 0).all()
+    with pytest.raises(ValueError, match="no valid frame"):  # the compiled path keeps forward's input checks
+        encoder(feats, torch.zeros_like(mask))
+
+
 @pytest.mark.parametrize(
     "feats, mask, error, pattern",
     [

@@ -357,6 +357,7 @@ class AudioEncoder(nn.Module):
         self.time_stride = math.prod(stride_t for stride_t, _ in config.sscp_conv_stride_size)  # frames per step
         self.subsample_conv_projection = SubSampleConvProjection(config)
         self.conformer = nn.ModuleList(ConformerBlock(config) for _ in range(config.conf_num_hidden_layers))
+        self._compiled_encode = None  # set by enable_compile()
 
     # ---- shapes and masks (no host synchronisation) ----
 
@@ -424,7 +425,21 @@ class AudioEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch of log-mel clips; see the class docstring for shapes and conventions."""
         self.check_inputs(input_features, input_features_mask)
-        return self.encode(input_features, input_features_mask)
+        encode = self.encode
+        if self._compiled_encode is not None and not torch.is_grad_enabled():
+            encode = self._compiled_encode
+        return encode(input_features, input_features_mask)
+
+    def enable_compile(self, freezing: bool = True) -> AudioEncoder:
+        """Run ``encode`` through ``torch.compile`` (inductor) from the next gradient-free ``forward`` on.
+
+        With ``freezing`` (the default) the weights become constants: inductor packs the linear and convolution
+        weights for oneDNN and fuses the norms, clamps, activations and the attention's soft-cap / mask / softmax
+        into a few kernels. Each new input shape compiles once. Frozen weights are a snapshot: load or change
+        weights before the first compiled call. Calls with gradients enabled stay eager.
+        """
+        self._compiled_encode = torch.compile(self.encode, dynamic=False, options={"freezing": freezing})
+        return self
 
     def encode(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor

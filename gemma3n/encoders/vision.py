@@ -120,7 +120,8 @@ class PrepackedConv2d(nn.Module):
         if self.same_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         usable = (
-            x.device.type == "cpu"
+            not torch.compiler.is_compiling()  # compiled: inductor packs (and fuses) the convolutions itself
+            and x.device.type == "cpu"
             and x.dtype == self.weight.dtype
             and x.dtype in (torch.float32, torch.bfloat16)
             and _HAS_ONEDNN_CONV
@@ -170,6 +171,7 @@ class VisionTower(nn.Module):
         self.soft_tokens = soft_tokens
         self.scale = config.hidden_size**0.5  # a Python float: nothing to materialise after a meta build
         self.channels_last = False
+        self._compiled_features = None  # set by enable_compile()
         self._check_built_model(config)
 
     def _check_built_model(self, config: VisionConfig) -> None:
@@ -205,6 +207,20 @@ class VisionTower(nn.Module):
         self.channels_last = True
         return self
 
+    def enable_compile(self, freezing: bool = True) -> VisionTower:
+        """Run the network through ``torch.compile`` (inductor) from the next gradient-free call on.
+
+        With ``freezing`` (the default) inductor treats the weights as constants: it packs every convolution weight
+        for oneDNN and folds the norms and activations around the convolutions into fused kernels. The first call for
+        each input shape compiles (see ``benchmarks/results/encoders_cpu.md`` for the cost); later calls reuse it.
+        Frozen weights are a snapshot: load or change weights before the first compiled call. Calls with gradients
+        enabled stay eager.
+        """
+        self._compiled_features = torch.compile(
+            self.timm_model.forward_features, dynamic=False, options={"freezing": freezing}
+        )
+        return self
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must have shape [N, 3, H, W], got {tuple(pixel_values.shape)}")
@@ -212,7 +228,10 @@ class VisionTower(nn.Module):
         x = pixel_values.to(device=weight.device, dtype=weight.dtype)
         if self.channels_last or x.device.type == "cpu":  # NHWC activations: fused norms, oneDNN's native layout
             x = x.contiguous(memory_format=torch.channels_last)
-        features = self.timm_model.forward_features(x)  # [N, C, h, w]
+        run = self.timm_model.forward_features
+        if self._compiled_features is not None and not torch.is_grad_enabled():
+            run = self._compiled_features
+        features = run(x)  # [N, C, h, w]
         n, c, h, w = features.shape
         if c != self.hidden_size or h * w != self.soft_tokens:
             raise ValueError(
