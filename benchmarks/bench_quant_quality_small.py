@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -30,18 +29,15 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 def use_fbgemm(model: torch.nn.Module, row_block: int) -> int:
     """Route every ``Int8Linear`` of ``model`` through fbgemm's dynamic int8 GEMM on the same int8 weights."""
+    from kernel_ceilings import fbgemm_pack
+
     from gemma3n.quantize import Int8Linear
 
     count = 0
     for module in model.modules():
         if not isinstance(module, Int8Linear):
             continue
-        scales = module.scales.double()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zeros = torch.zeros(len(scales), dtype=torch.long)
-            qtensor = torch._make_per_channel_quantized_tensor(module.qweight, scales, zeros, 0)
-            packed = torch.ops.quantized.linear_prepack(qtensor, None)
+        packed = fbgemm_pack(module.qweight, module.scales)
 
         def forward(x: torch.Tensor, packed=packed, out_features=module.out_features) -> torch.Tensor:
             rows = x.reshape(-1, x.shape[-1]).float()

@@ -41,13 +41,19 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     return data.numel() * 4 / statistics.median(times) / 1e9
 
 
-def _fbgemm_int8(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    scale = (weight.float().abs().amax(1) / 127).clamp_min(1e-12).double()
-    q = torch.round(weight.float() / scale[:, None].float()).clamp(-127, 127).to(torch.int8)
+def fbgemm_pack(qweight: torch.Tensor, scales: torch.Tensor) -> torch.ScriptObject:
+    """fbgemm's prepacked form of a per-output-channel int8 weight [out, in] with its scales [out]."""
     with warnings.catch_warnings():  # torch flags its quantized-tensor constructors as deprecated
         warnings.simplefilter("ignore")
-        per_channel = torch._make_per_channel_quantized_tensor(q, scale, torch.zeros(len(q), dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(per_channel, None)
+        zeros = torch.zeros(len(scales), dtype=torch.long)
+        per_channel = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(per_channel, None)
+
+
+def _fbgemm_int8(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    scale = (weight.float().abs().amax(1) / 127).clamp_min(1e-12)
+    q = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    packed = fbgemm_pack(q, scale)
     return lambda x: torch.ops.quantized.linear_dynamic(x.float(), packed, True)
 
 

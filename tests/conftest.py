@@ -71,6 +71,20 @@ def save_reference_lm(directory, config, *, seed: int = 0, max_shard_size=None):
     return model
 
 
+def use_dequantized_weights(float_text: torch.nn.Module, quantized: dict[str, torch.nn.Module]) -> int:
+    """Put, into a float text model, a plain bias-free ``nn.Linear`` holding the dequantized weight of each quantized
+    module (``{name in the text model: Int8Linear / Int4Linear}``; ``"lm_head"`` becomes the LM head). Returns the
+    count."""
+    for name, module in quantized.items():
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+        linear.weight = torch.nn.Parameter(module.dequantized(), requires_grad=False)
+        if name == "lm_head":
+            float_text.lm_head = linear
+        else:
+            float_text.set_submodule(name, linear)
+    return len(quantized)
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     ours, ref = ours.double(), ref.double()
     return ((ours - ref).norm() / ref.norm()).item()

@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from conftest import randomize, rel_err, text_config
+from conftest import randomize, rel_err, text_config, use_dequantized_weights
 
 import gemma3n
 from gemma3n.config import Gemma3nConfig
@@ -203,14 +203,7 @@ def test_quantize_applies_to_the_slice(source, mode):
 
     # (2) the forward pass uses exactly those weights
     dequantized = gemma3n.load(directory, dtype="float32", matformer=spec)
-    d_text = dequantized.language_model
-    for name, module in done.items():
-        linear = nn.Linear(module.in_features, module.out_features, bias=False)
-        linear.weight = nn.Parameter(module.dequantized(), requires_grad=False)
-        if name == "lm_head":
-            d_text.lm_head = linear
-        else:
-            d_text.set_submodule(name, linear)
+    use_dequantized_weights(dequantized.language_model, done)
     ids = _ids()
     with torch.no_grad():
         got = quantized(ids).logits

@@ -19,7 +19,7 @@ import mmap
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, save_reference_lm, text_config
+from conftest import rel_err, save_reference_lm, text_config, use_dequantized_weights
 from torch import nn
 
 import gemma3n
@@ -114,17 +114,8 @@ def tiny_checkpoint(tmp_path_factory):
 def _dequantized_float_model(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
     """The float model with every quantized weight replaced by its dequantized value (LM head as a plain Linear)."""
     text_q = quantized.language_model
-    text_f = float_model.language_model
-    count = 0
-    for name, module in text_q.named_modules():
-        if isinstance(module, (Int8Linear, Int4Linear)):
-            linear = nn.Linear(module.in_features, module.out_features, bias=False)
-            linear.weight = nn.Parameter(module.dequantized(), requires_grad=False)
-            if name == "lm_head":
-                text_f.lm_head = linear
-            else:
-                text_f.set_submodule(name, linear)
-            count += 1
+    done = {name: m for name, m in text_q.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    count = use_dequantized_weights(float_model.language_model, done)
     assert text_q.lm_head is not None and count > 20  # attention, MLP, AltUp, per-layer projections and the head
     return float_model
 

@@ -71,11 +71,15 @@ def test_fp32_matches_reference(ref, pixels, ref_soft_embeddings):
     assert (ours - ref_soft_embeddings).abs().max() <= FP32_REL_TOL * ref_soft_embeddings.abs().max()
 
 
-def test_channels_last_fp32_matches_reference(ref, pixels, ref_soft_embeddings):
-    tower = load_vision_tower(ref.path).to_channels_last()
-    embed = load_embedder(ref.path, "vision")
+def _soft_embeddings(tower, path, pixels: torch.Tensor) -> torch.Tensor:
+    """Tower then vision embedder (fp32, no gradients): [N, soft tokens, text hidden]."""
+    embed = load_embedder(path, "vision")
     with torch.no_grad():
-        ours = embed.embed_soft(tower(pixels))
+        return embed.embed_soft(tower(pixels))
+
+
+def test_channels_last_fp32_matches_reference(ref, pixels, ref_soft_embeddings):
+    ours = _soft_embeddings(load_vision_tower(ref.path).to_channels_last(), ref.path, pixels)
     # NHWC convolutions and fused norms: other kernels and summation orders, so not bit-equal; measured 1.3e-6.
     err = rel_err(ours, ref_soft_embeddings)
     assert err <= FP32_REL_TOL, err
@@ -107,13 +111,10 @@ def test_compiled_fp32_matches_reference(ref, pixels, ref_soft_embeddings):
     # inductor with freezing: weights folded in as constants, convolutions packed and fused with their neighbours.
     # Same math in another summation order: fp32 rounding (~1e-7 per op) through ~80 blocks, measured ~1e-6.
     tower = load_vision_tower(ref.path).enable_compile()
-    embed = load_embedder(ref.path, "vision")
-    with torch.no_grad():
-        ours = embed.embed_soft(tower(pixels))
-    err = rel_err(ours, ref_soft_embeddings)
+    err = rel_err(_soft_embeddings(tower, ref.path, pixels), ref_soft_embeddings)
     assert err <= FP32_REL_TOL, err
     with torch.enable_grad():  # gradients on: the eager path (frozen weights cannot be trained), same result
-        eager = embed.embed_soft(tower(pixels)).detach()
+        eager = load_embedder(ref.path, "vision").embed_soft(tower(pixels)).detach()
     assert rel_err(eager, ref_soft_embeddings) <= FP32_REL_TOL
 
 
