@@ -2,6 +2,7 @@
 
     python benchmarks/bench_encoders.py                       # vision + audio, bf16 + fp32, batch 1 and 4
     python benchmarks/bench_encoders.py --parts vision --dtypes bfloat16 --batch-sizes 1 --rounds 2
+    python benchmarks/bench_encoders.py --device cuda --no-compiled --out benchmarks/results/encoders_gpu
 
 Each (tower, dtype) runs in its own child process (the two fp32 audio towers hold ~6 GB) while holding
 /tmp/gemma3n-heavy.lock, so the machine's other heavy jobs do not overlap it. Inside a child, transformers' module,
@@ -54,9 +55,10 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.5 + noise)
 
 
-def build_pair(part: str, dtype: torch.dtype, compiled: bool):
+def build_pair(part: str, dtype: torch.dtype, compiled: bool, device: str = "cpu"):
     """({name: callable} for transformers, gemma3n and (``compiled``) gemma3n-compiled, input factory(batch), flops per
-    item), all on one set of shared random weights."""
+    item), all on one set of shared random weights on ``device``. On CUDA the vision tower also runs with its weights
+    and activations channels-last (``VisionTower.to_channels_last``)."""
     import transformers
     from transformers.models.gemma3n import modeling_gemma3n as hf
 
@@ -79,7 +81,7 @@ def build_pair(part: str, dtype: torch.dtype, compiled: bool):
     embed = hf.Gemma3nMultimodalEmbedder(section, ref_config.text_config).eval()
     _randomise(tower, 1)
     _randomise(embed, 2)
-    tower, embed = tower.to(dtype).requires_grad_(False), embed.to(dtype).requires_grad_(False)
+    tower, embed = tower.to(device, dtype).requires_grad_(False), embed.to(device, dtype).requires_grad_(False)
 
     def our_modules():
         with torch.device("meta"):
@@ -94,8 +96,13 @@ def build_pair(part: str, dtype: torch.dtype, compiled: bool):
         return our_tower.eval(), our_embed.eval()
 
     our_tower, our_embed = our_modules()
-    compiled_tower, compiled_embed = our_modules()
-    compiled_tower.enable_compile()
+    variants = {}
+    if compiled:
+        compiled_tower, compiled_embed = our_modules()
+        variants["gemma3n-compiled"] = (compiled_tower.enable_compile(), compiled_embed)
+    if part == "vision" and device != "cpu":
+        nhwc_tower, nhwc_embed = our_modules()
+        variants["gemma3n-channels-last"] = (nhwc_tower.to_channels_last(), nhwc_embed)
 
     if part == "vision":
         hidden, tokens = section.hidden_size, ref_config.vision_soft_tokens_per_image
@@ -110,7 +117,8 @@ def build_pair(part: str, dtype: torch.dtype, compiled: bool):
             return our_embed.embed_soft(our_tower(pixels))
 
         def inputs(batch):
-            return (torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(3)).to(dtype),)
+            pixels = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+            return (pixels.to(device, dtype),)
 
         flops = _count_flops(
             lambda: transformers.AutoModel.from_config(ref_config.vision_config),
@@ -128,8 +136,8 @@ def build_pair(part: str, dtype: torch.dtype, compiled: bool):
 
         def inputs(batch):
             generator = torch.Generator().manual_seed(3)
-            features = torch.randn(batch, CLIP_FRAMES, section.input_feat_size, generator=generator).to(dtype)
-            return features, torch.ones(batch, CLIP_FRAMES, dtype=torch.bool)
+            features = torch.randn(batch, CLIP_FRAMES, section.input_feat_size, generator=generator)
+            return features.to(device, dtype), torch.ones(batch, CLIP_FRAMES, dtype=torch.bool, device=device)
 
         flops = _count_flops(
             lambda: hf.Gemma3nAudioEncoder(ref_config.audio_config),
@@ -138,8 +146,8 @@ def build_pair(part: str, dtype: torch.dtype, compiled: bool):
             ),
         )
     impls = {"transformers": reference, "gemma3n": ours}
-    if compiled:
-        impls["gemma3n-compiled"] = functools.partial(ours, our_tower=compiled_tower, our_embed=compiled_embed)
+    for name, (variant_tower, variant_embed) in variants.items():
+        impls[name] = functools.partial(ours, our_tower=variant_tower, our_embed=variant_embed)
     return impls, inputs, flops
 
 
@@ -162,21 +170,21 @@ def _count_flops(build, run) -> float:
 MATMUL_SIZES = (1024, 2048, 4096)
 
 
-def hardware_limits(dtype: torch.dtype) -> dict:
+def hardware_limits(dtype: torch.dtype, device: str = "cpu") -> dict:
     """Matmul GFLOP/s in ``dtype`` (square n x n, best of 3 per n; the peak is the best n) and copy bandwidth (1 GiB).
 
     oneDNN picks different kernels per size (with AMX, bf16 at n = 4096 runs ~3x faster than at n = 2048 on this
     machine type), so one size can understate what the hardware does.
     """
     per_size = {}
-    for n in MATMUL_SIZES:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for n in MATMUL_SIZES if device == "cpu" else (4096, 8192):
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         a @ b
-        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(3))
+        best = min(_timed(lambda a=a, b=b: a @ b, device) for _ in range(3))
         per_size[n] = 2 * n**3 / best / 1e9
-    src = torch.empty(2**30, dtype=torch.uint8).fill_(1)
+    src = torch.empty(2**30, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    copy = min(_timed(lambda: dst.copy_(src)) for _ in range(3))
+    copy = min(_timed(lambda: dst.copy_(src), device) for _ in range(3))
     peak_n = max(per_size, key=per_size.get)
     return {
         "matmul_gflops": per_size[peak_n],
@@ -186,17 +194,29 @@ def hardware_limits(dtype: torch.dtype) -> dict:
     }
 
 
-def _timed(fn) -> float:
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str = "cpu") -> float:
+    """Seconds of one ``fn()`` call (on CUDA, from an idle device to the end of its work)."""
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
 
 
-def run_child(part: str, dtype_name: str, batch_sizes: list[int], rounds: int, compiled: bool) -> dict:
+def run_child(
+    part: str, dtype_name: str, batch_sizes: list[int], rounds: int, compiled: bool, device: str = "cpu"
+) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if device != "cpu":  # fp32 means fp32: no TF32 in cuDNN's convolutions (its default) or cuBLAS
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     dtype = DTYPES[dtype_name]
-    impls, inputs, flops = build_pair(part, dtype, compiled)
-    limits = hardware_limits(dtype)
+    impls, inputs, flops = build_pair(part, dtype, compiled, device)
+    limits = hardware_limits(dtype, device)
     rows = []
     with torch.no_grad():
         for batch in batch_sizes:
@@ -204,9 +224,12 @@ def run_child(part: str, dtype_name: str, batch_sizes: list[int], rounds: int, c
             # warm-up: oneDNN primitives, packed weights; for the compiled variant, the compilation
             first_call_s, outs = {}, {}
             for name, fn in impls.items():
+                _sync(device)
                 start = time.perf_counter()
-                outs[name] = fn(*args).double()
+                out = fn(*args)
+                _sync(device)
                 first_call_s[name] = time.perf_counter() - start
+                outs[name] = out.double()
             ref_out = outs["transformers"]
             rel = {name: float((out - ref_out).norm() / ref_out.norm()) for name, out in outs.items()}
             del outs
@@ -214,7 +237,7 @@ def run_child(part: str, dtype_name: str, batch_sizes: list[int], rounds: int, c
             load = []
             for _ in range(rounds):
                 for name, fn in impls.items():
-                    times[name].append(_timed(lambda fn=fn: fn(*args)) / batch)
+                    times[name].append(_timed(lambda fn=fn: fn(*args), device) / batch)
                 load.append(os.getloadavg()[0])
             row = {"part": part, "dtype": dtype_name, "batch": batch, "impls": {}}
             for name, values in times.items():
@@ -233,7 +256,8 @@ def run_child(part: str, dtype_name: str, batch_sizes: list[int], rounds: int, c
             row["load_average_1min"] = load
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    return {"rows": rows, "limits": limits, "gflop_per_item": flops / 1e9, "threads": torch.get_num_threads()}
+    info = {"device": torch.cuda.get_device_name() if device != "cpu" else "cpu"}
+    return {"rows": rows, "limits": limits, "gflop_per_item": flops / 1e9, "threads": torch.get_num_threads(), **info}
 
 
 # ---- orchestration ---------------------------------------------------------------------------------------------------
@@ -270,7 +294,7 @@ def markdown(results: list[dict]) -> str:
             f"- {res['part']} {res['dtype']}: {res['gflop_per_item']:.0f} GFLOP per item; same process: "
             f"{lim['matmul_gflops']:.0f} GFLOP/s peak matmul (best of n = {sizes}), "
             f"{lim['copy_gbs']:.1f} GB/s copy, "
-            f"{res['threads']} threads"
+            f"{res['threads']} threads, device {res.get('device', 'cpu')}"
         )
     return "\n".join(lines) + "\n"
 
@@ -282,11 +306,14 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile variant")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU runs: set --out, e.g. encoders_gpu)")
     parser.add_argument("--out", default="benchmarks/results/encoders_cpu")
     parser.add_argument("--child", nargs=2, metavar=("PART", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = run_child(args.child[0], args.child[1], args.batch_sizes, args.rounds, not args.no_compiled)
+        result = run_child(
+            args.child[0], args.child[1], args.batch_sizes, args.rounds, not args.no_compiled, args.device
+        )
         print(json.dumps(result))
         return
 
@@ -295,6 +322,7 @@ def main() -> None:
         for part in args.parts:
             command = [sys.executable, __file__, "--child", part, dtype, "--rounds", str(args.rounds)]
             command += ["--batch-sizes", *map(str, args.batch_sizes)] + (["--no-compiled"] if args.no_compiled else [])
+            command += ["--device", args.device]
             print(f"{part} {dtype}: waiting for {LOCK} ...", file=sys.stderr, flush=True)
             with open(LOCK, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)

@@ -3,17 +3,21 @@
     # CPU, small shape (the check that our decode is >= 2x transformers'; --compile adds compiled decode steps):
     python benchmarks/bench_generation.py --preset small --device cpu --batch-sizes 1 4 --new-tokens 32 \
         --prefill-lengths 128 512 --repeat 5 --compile --out benchmarks/results/cpu_small.json
-    # GPU, published E2B shape, bf16:
-    python benchmarks/bench_generation.py --preset e2b --device cuda --dtype bfloat16 --out bench_out/gpu_e2b.json
+    # GPU, published E2B shape, bf16, with the int8 / int4 weight-only decoders beside it:
+    python benchmarks/bench_generation.py --preset e2b --device cuda --dtype bfloat16 --quantize int8 int4 \
+        --out bench_out/gpu_e2b.json
 
 Both models share one set of random weights (transformers builds them; gemma3n attaches the same tensors through its
-loader's name mapping). Writes JSON and prints a markdown table; each decode figure is also given as achieved weight
-bandwidth (bytes of weights read per token x tokens/s) and as a fraction of --bandwidth-gbs.
+loader's name mapping); ``--quantize`` adds gemma3n models whose decoder and LM head are quantized from those weights.
+Writes JSON and a markdown table; each batch-1 decode figure is also given as achieved weight bandwidth (bytes of
+weights read per token x tokens/s) and as a fraction of a copy's bandwidth measured in the same run (or
+--bandwidth-gbs).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -25,6 +29,7 @@ from gemma3n.checkpoint import attach_weights
 from gemma3n.config import Gemma3nConfig
 from gemma3n.model import Gemma3n, _published_to_module_names
 from gemma3n.presets import preset_config_dict
+from gemma3n.quantize import QUANTIZE_MODES, quantize_checkpoint
 
 
 def small_text_config() -> dict:
@@ -51,8 +56,8 @@ def small_text_config() -> dict:
     }
 
 
-def build_models(preset: str, device: str, dtype: torch.dtype):
-    """(transformers Gemma3nForCausalLM, our Gemma3n) sharing the same random text weights."""
+def build_models(preset: str, device: str, dtype: torch.dtype, quantize: tuple[str, ...] = ()):
+    """(transformers Gemma3nForCausalLM, our Gemma3n, {mode: our quantized Gemma3n}) on the same random text weights."""
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
     text = small_text_config() if preset == "small" else preset_config_dict(preset)["text_config"]
@@ -67,17 +72,36 @@ def build_models(preset: str, device: str, dtype: torch.dtype):
             else:
                 p.normal_(0.0, 0.02)
     config = Gemma3nConfig.from_dict(text)
-    with torch.device("meta"):
-        ours = Gemma3n(config)
     tensors = {k: v for k, v in ref.state_dict().items()}
-    renamed, ignore = _published_to_module_names(tensors, ours, text_only_layout=True)
-    attach_weights(ours, renamed, dtype=dtype, device=device, ignore=ignore, source="reference")
-    return ref, ours.eval().requires_grad_(False)
+
+    def ours_from_reference(mode: str | None) -> Gemma3n:
+        with torch.device("meta"):
+            model = Gemma3n(config)
+        renamed, ignore = _published_to_module_names(tensors, model, text_only_layout=True)
+        if mode is not None:
+            renamed = quantize_checkpoint(model, renamed, mode, dtype=dtype, device=device)
+        attach_weights(model, renamed, dtype=dtype, device=device, ignore=ignore, source="reference")
+        return model.eval().requires_grad_(False)
+
+    quantized = {}
+    for mode in quantize:
+        start = time.perf_counter()
+        quantized[mode] = ours_from_reference(mode)
+        print(f"quantized to {mode} in {time.perf_counter() - start:.1f} s", flush=True)
+    return ref, ours_from_reference(None), quantized
 
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def copy_bandwidth_gbs(device: str, size: int = 1 << 31) -> float:
+    """Best of 5 copies of a ``size``-byte buffer (2 GiB: far beyond the caches), bytes read + written per second."""
+    src = torch.ones(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = min(timed(functools.partial(dst.copy_, src), device, 1) for _ in range(5))
+    return 2 * size / best / 1e9
 
 
 def timed(fn, device: str, repeat: int) -> float:
@@ -94,12 +118,13 @@ def timed(fn, device: str, repeat: int) -> float:
 
 
 def weight_bytes_per_token(model: Gemma3n) -> int:
-    """Bytes of weights a batch-1 decode step reads: all text weights except the per-layer table (a row gather)."""
+    """Bytes of weights a batch-1 decode step reads: all text weights (and quantized buffers) except the per-layer
+    table (a row gather); the token table counts once, as the tied LM head, or not at all beside a quantized head."""
     lm = model.language_model
-    total = sum(p.numel() * p.element_size() for p in lm.parameters())
-    table = lm.embed_tokens_per_layer.weight
-    # the tied embedding is read twice (row gather + LM head): count it once, as the head reads it fully
-    return total - table.numel() * table.element_size()
+    tensors = list(lm.parameters()) + list(lm.buffers())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    tables = [lm.embed_tokens_per_layer.weight] + ([lm.embed_tokens.weight] if lm.lm_head is not None else [])
+    return total - sum(t.numel() * t.element_size() for t in tables)
 
 
 class TokenTimer:
@@ -125,26 +150,32 @@ class TokenTimer:
         return [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
 
 
-def median_steps(runners: dict, device: str, repeat: int) -> dict[str, float]:
-    """Median decode-step seconds of each runner over ``repeat`` generate runs, after one warm-up run each.
+def median_steps(runners: dict, device: str, repeat: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median decode-step seconds of each runner over ``repeat`` generate runs, after one warm-up run each, and the
+    seconds of each warm-up run (for a compiled runner: the compilation).
 
     The runs are interleaved (one of each per round), so that a change in machine speed over time (a shared CPU)
     hits every implementation alike and the ratios stay fair.
     """
-    for run_with_streamer in runners.values():
+    warm_up = {}
+    for name, run_with_streamer in runners.items():
+        sync(device)
+        start = time.perf_counter()
         run_with_streamer(TokenTimer(device))
+        sync(device)
+        warm_up[name] = time.perf_counter() - start
     steps: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeat):
         for name, run_with_streamer in runners.items():
             timer = TokenTimer(device)
             run_with_streamer(timer)
             steps[name] += timer.step_seconds()
-    return {name: statistics.median(values) for name, values in steps.items()}
+    return {name: statistics.median(values) for name, values in steps.items()}, warm_up
 
 
 def run(args) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    ref, ours = build_models(args.preset, args.device, dtype)
+    ref, ours, quantized = build_models(args.preset, args.device, dtype, tuple(args.quantize))
     vocab = ours.config.text.vocab_size_per_layer_input
     gen = torch.Generator().manual_seed(0)
     results: dict = {
@@ -156,21 +187,30 @@ def run(args) -> dict:
     }
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
-    bytes_per_token = weight_bytes_per_token(ours)
+    models = {"gemma3n": ours, **{f"gemma3n {mode}": model for mode, model in quantized.items()}}
+    bytes_per_token = {name: weight_bytes_per_token(model) for name, model in models.items()}
+    bytes_per_token["transformers"] = bytes_per_token["gemma3n"]
     results["weight_bytes_per_token"] = bytes_per_token
+
+    if args.bandwidth_gbs <= 0:
+        args.bandwidth_gbs = copy_bandwidth_gbs(args.device)
+    results["bandwidth_GBps"] = args.bandwidth_gbs
+    partial = Path(args.out).with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
 
     def add(name, impl, value, unit, **extra):
         row = {"benchmark": name, "impl": impl, "value": value, "unit": unit, **extra}
         results["rows"].append(row)
         print(f"{name:<28} {impl:<22} {value:10.2f} {unit}", flush=True)
+        partial.write_text(json.dumps(results, indent=2))  # a run cut short keeps its rows
 
     new = args.new_tokens
     for batch in args.batch_sizes:
         ids = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(args.device)
         settings = dict(max_new_tokens=new, do_sample=False)
 
-        def ours_generate(streamer, compile_steps=False):
-            return ours.generate(ids, eos_token_id=[-1], streamer=streamer, compile=compile_steps, **settings)
+        def ours_generate(streamer, compile_steps=False, model=ours):
+            return model.generate(ids, eos_token_id=[-1], streamer=streamer, compile=compile_steps, **settings)
 
         def ref_generate(streamer):
             with torch.no_grad():
@@ -178,32 +218,36 @@ def run(args) -> dict:
                     input_ids=ids, min_new_tokens=new, eos_token_id=None, pad_token_id=0, streamer=streamer, **settings
                 )
 
-        impls = [("gemma3n", ours_generate), ("transformers", ref_generate)]
-        if args.compile:
-            impls.insert(1, ("gemma3n compiled", lambda streamer: ours_generate(streamer, compile_steps=True)))
-        step_seconds = median_steps(dict(impls), args.device, args.repeat)
+        impls = [("transformers", ref_generate)]
+        for name, model in models.items():
+            impls.append((name, functools.partial(ours_generate, model=model)))
+            if args.compile:
+                impls.append((f"{name} compiled", functools.partial(ours_generate, model=model, compile_steps=True)))
+        step_seconds, warm_up = median_steps(dict(impls), args.device, args.repeat)
         for impl, _ in impls:
             tok_s = batch / step_seconds[impl]
-            extra = {}
+            extra = {"first_run_s": warm_up[impl]}
             if batch == 1:
-                gbs = bytes_per_token * tok_s / 1e9
-                extra = {"weight_GBps": gbs, "fraction_of_bound": gbs / args.bandwidth_gbs}
+                gbs = bytes_per_token[impl.removesuffix(" compiled")] * tok_s / 1e9
+                extra.update(weight_GBps=gbs, fraction_of_bound=gbs / args.bandwidth_gbs)
             add(f"decode b{batch}", impl, tok_s, "tok/s", **extra)
 
     for length in args.prefill_lengths:
         ids = torch.randint(3, vocab, (1, length), generator=gen).to(args.device)
         from gemma3n.text_model import KVCache
 
-        def ours_run():
-            cache = KVCache(ours.config.text, 1, length + 1, dtype=dtype, device=args.device)
+        def ours_run(model=ours):
+            cache = KVCache(model.config.text, 1, length + 1, dtype=dtype, device=args.device)
             with torch.inference_mode():
-                return ours(ids, cache=cache, logits_to_keep=1)
+                return model(ids, cache=cache, logits_to_keep=1)
 
         def ref_run():
             with torch.no_grad():
                 return ref(input_ids=ids, use_cache=True, logits_to_keep=1)
 
-        for impl, fn in (("gemma3n", ours_run), ("transformers", ref_run)):
+        runs = [("gemma3n", ours_run), ("transformers", ref_run)]
+        runs += [(name, functools.partial(ours_run, model=m)) for name, m in models.items() if name != "gemma3n"]
+        for impl, fn in runs:
             add(f"prefill {length}", impl, 1e3 * timed(fn, args.device, args.repeat), "ms")
 
     if args.device.startswith("cuda"):
@@ -214,7 +258,7 @@ def run(args) -> dict:
         if row["impl"] != "transformers":
             other = reference[row["benchmark"]]
             higher_better = row["unit"] == "tok/s"
-            key = row["benchmark"] + (" (compiled)" if row["impl"] == "gemma3n compiled" else "")
+            key = row["benchmark"] + {"gemma3n": ""}.get(row["impl"], f" ({row['impl'].removeprefix('gemma3n ')})")
             ratios[key] = row["value"] / other["value"] if higher_better else other["value"] / row["value"]
     results["speedup_vs_transformers"] = ratios
     return results
@@ -228,13 +272,23 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, ratio in results["speedup_vs_transformers"].items():
-        benchmark, compiled = name.removesuffix(" (compiled)"), name.endswith(" (compiled)")
+        benchmark, _, variant = name.partition(" (")
         rows = {r["impl"]: r for r in results["rows"] if r["benchmark"] == benchmark}
-        ours = rows["gemma3n compiled" if compiled else "gemma3n"]
+        ours = rows[f"gemma3n {variant[:-1]}" if variant else "gemma3n"]
         unit = ours["unit"]
         lines.append(
             f"| {name} | {ours['value']:.2f} {unit} | {rows['transformers']['value']:.2f} {unit} | {ratio:.2f}x |"
         )
+    bound = results["bandwidth_GBps"]
+    lines += ["", f"Batch-1 decode, weight bytes read per second against a copy's {bound:.0f} GB/s:"]
+    for row in results["rows"]:
+        if "weight_GBps" in row:
+            lines.append(
+                f"- {row['impl']}: {row['weight_GBps']:.0f} GB/s ({100 * row['fraction_of_bound']:.0f}%), "
+                f"{results['weight_bytes_per_token'][row['impl'].removesuffix(' compiled')] / 1e9:.2f} GB per token"
+            )
+    if "peak_memory_GB" in results:
+        lines.append(f"- peak GPU memory of the whole run: {results['peak_memory_GB']:.1f} GB")
     return "\n".join(lines)
 
 
@@ -246,10 +300,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 1024, 4096])
+    parser.add_argument("--prefill-lengths", type=int, nargs="*", default=[128, 1024, 4096])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time gemma3n's compiled decode steps")
-    parser.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="memory bandwidth bound (H100 SXM)")
+    parser.add_argument("--compile", action="store_true", help="also time gemma3n's compiled decode steps (each model)")
+    parser.add_argument("--quantize", nargs="*", default=[], choices=QUANTIZE_MODES, help="also time these gemma3n")
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=0.0, help="memory bandwidth bound, GB/s (default: a copy, measured)"
+    )
     parser.add_argument("--out", default="bench_out/generation.json")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -259,6 +316,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     out.with_suffix(".md").write_text(table + "\n")
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print("\n" + table)
 
 

@@ -1,13 +1,18 @@
-"""Weight-only int8 / int4 linear layers for the text decoder on CPU, built tensor by tensor at load.
+"""Weight-only int8 / int4 linear layers for the text decoder (CPU and CUDA), built tensor by tensor at load.
 
 - ``int8``: symmetric, one scale per output channel; ``torch._weight_int8pack_mm`` (bf16/fp16/fp32 activations).
 - ``int4``: asymmetric, one scale and zero per ``group_size`` inputs of each output channel, in the layout of
   ``torch._weight_int4pack_mm_for_cpu``: ``w ~ (q - 8) * scale + zero`` with ``q`` in [0, 15].
 
 Both use torch's own CPU kernels for a few rows (decoding); from ``DEQUANTIZE_FROM_ROWS`` rows (prefill) the weight is
-dequantized to the activation dtype for one float matmul, which keeps prefill at the float speed. Why torch's kernels
-rather than torchao: torchao's CPU int4 path calls the same kernel, and its eager int8 weight-only path converts the
-whole weight to the activation dtype on every call (benchmarks/results/quant_kernels_cpu2.md).
+dequantized to the activation dtype for one float matmul, which keeps prefill at the float speed. On CUDA, int4 uses
+torch's tensor-core kernel ``torch._weight_int4pack_mm`` (:class:`Int4CudaLinear`, same scales and zeros, bf16
+activations), and int8 a float matmul on the converted weight: torch's CUDA ``_weight_int8pack_mm`` is a plain
+one-thread-per-output loop, and under ``torch.compile`` the conversion fuses into the matmul's reads.
+
+Why torch's kernels rather than torchao: torchao's CPU int4 path calls the same kernel, and its eager int8
+weight-only path converts the whole weight to the activation dtype on every call
+(benchmarks/results/quant_kernels_cpu2.md).
 
 Quantization reads each weight from the checkpoint's memory map in row chunks (a few MB of float32 at a time) and
 then drops the mapped pages of that weight from this process (``madvise(MADV_DONTNEED)``), so the bf16 decoder is
@@ -84,8 +89,8 @@ class Int8Linear(nn.Module):
         """Quantize a float weight [out, in] (row chunk by row chunk); scales are kept in ``dtype``."""
         dtype = dtype or weight.dtype
         out_f, in_f = weight.shape
-        qweight = torch.empty(out_f, in_f, dtype=torch.int8)
-        scales = torch.empty(out_f, dtype=dtype)
+        qweight = torch.empty(out_f, in_f, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(out_f, dtype=dtype, device=weight.device)
         step = _chunk_rows(in_f)
         for start in range(0, out_f, step):
             w = weight[start : start + step].to(torch.float32, copy=True)  # [rows, in]
@@ -103,10 +108,12 @@ class Int8Linear(nn.Module):
         return (self.qweight[rows].float() * self.scales[rows].float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if x.device.type != "cpu":  # int8 values are exact in bf16 / fp16: scale after the matmul, as the kernel does
+            return F.linear(x, self.qweight.to(x.dtype)) * scales
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
             return _dequantized_linear(x, self.dequantized, self.out_features, self.in_features)
-        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)  # [n, out]
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -140,8 +147,8 @@ class Int4Linear(nn.Module):
             )
         rows = -(-out_f // _INT4_ROW_MULTIPLE) * _INT4_ROW_MULTIPLE
         groups = in_f // group_size
-        packed = torch.empty(rows, in_f // 2, dtype=torch.uint8)
-        scales_and_zeros = torch.empty(groups, rows, 2, dtype=dtype)
+        packed = torch.empty(rows, in_f // 2, dtype=torch.uint8, device=weight.device)
+        scales_and_zeros = torch.empty(groups, rows, 2, dtype=dtype, device=weight.device)
         step = _chunk_rows(in_f)
         for start in range(0, rows, step):
             w = weight[start : start + step].to(torch.float32, copy=True)
@@ -184,6 +191,63 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+
+
+def _tinygemm_inner_k_tiles(in_features: int) -> int:
+    """The widest k-tiling (8, 4 or 2 tiles of 16 inputs) of torch's CUDA int4 layout that divides ``in_features``."""
+    for tiles in (8, 4, 2):
+        if in_features % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"int4 on CUDA needs in_features divisible by 32; got {in_features}")
+
+
+class Int4CudaLinear(nn.Module):
+    """:class:`Int4Linear`'s weights in the layout of torch's CUDA int4 kernel ``torch._weight_int4pack_mm``
+    (tensor-core tiles, int32 [ceil64(out) / 8, in / (16 * tiles), 32, tiles / 2]); the same ``(q - 8) * scale + zero``
+    per group, so both give the same weight. The kernel takes and returns bf16."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.in_features = scales_and_zeros.shape[0] * group_size
+        self.group_size = group_size
+        self.register_buffer("packed", packed)  # int32, the kernel's tiled layout
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in / group, ceil64(out), 2] bf16
+
+    @classmethod
+    def from_int4_linear(cls, layer: Int4Linear, device: torch.device | str) -> Int4CudaLinear:
+        """Re-pack a CPU-layout :class:`Int4Linear` for the CUDA kernel on ``device`` (bit-identical values)."""
+        q = _unpack_int4_rows(layer.packed).to(device)  # [ceil64(out), in] values 0..15
+        # the kernel's input: [n, in / 2] uint8, input 2j in the high nibble and 2j + 1 in the low one
+        pairs = (q[:, 0::2] << 4) | q[:, 1::2]
+        tiles = _tinygemm_inner_k_tiles(layer.in_features)
+        packed = torch._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+        scales_and_zeros = layer.scales_and_zeros.to(device=device, dtype=torch.bfloat16)
+        return cls(packed, scales_and_zeros, layer.group_size, layer.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # [n, in]
+        out = torch._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros)  # [n, out64]
+        if out.shape[1] != self.out_features:
+            out = out[:, : self.out_features]
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, int4 group_size={self.group_size} (CUDA)"
+
+
+def for_device(layer: nn.Module, device: torch.device | str) -> nn.Module:
+    """A quantized layer ready for ``device``: CPU layers as they are; on CUDA, int4 re-packed for the CUDA kernel
+    (bf16 activations only) and int8 moved as is."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return layer
+    if device.type != "cuda":
+        raise ValueError(f"quantized layers run on the CPU or on CUDA; got device={device}")
+    if isinstance(layer, Int4Linear):
+        return Int4CudaLinear.from_int4_linear(layer, device)
+    return layer.to(device)
 
 
 def quantize_weight(
@@ -266,10 +330,13 @@ def quantize_checkpoint(
     group_size = group_size or DEFAULT_INT4_GROUP_SIZE
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize={mode!r}; use one of {', '.join(QUANTIZE_MODES)} or None")
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"quantize={mode!r} runs on the CPU only (torch's int8/int4 CPU kernels); got device={device}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"quantize={mode!r} runs on the CPU or on CUDA; got device={device}")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"quantize={mode!r} needs a float activation dtype, got {dtype}")
+    if device.type == "cuda" and mode == "int4" and dtype != torch.bfloat16:
+        raise ValueError(f"quantize='int4' on CUDA needs dtype=bfloat16 (torch's CUDA int4 kernel); got {dtype}")
     text_model = model.get_submodule(prefix.rstrip("."))
     remaining = dict(tensors)
     jobs = {  # module name in the text model -> source weight [out, in]
@@ -286,7 +353,7 @@ def quantize_checkpoint(
     def run(name: str) -> tuple[str, nn.Module]:
         quantized = quantize_weight(jobs[name], mode, dtype=dtype, group_size=group_size)
         release_mapped_pages(jobs[name], mappings)
-        return name, quantized
+        return name, for_device(quantized, device)
 
     # One tensor per worker thread, each op single-threaded: no OpenMP barriers per small op, which on a busy
     # machine made 2-thread ops 4-9x slower than 1 thread (an 8192x2048 int4 weight: 2.4 s vs 0.30 s).
