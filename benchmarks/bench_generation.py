@@ -96,6 +96,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def base_impl(impl: str) -> str:
+    """The model an implementation's name runs ("gemma3n int4 compiled" -> "gemma3n int4")."""
+    return impl.removesuffix(" compiled").removesuffix(" eager")
+
+
 def copy_bandwidth_gbs(device: str, size: int = 1 << 31) -> float:
     """Best of 5 copies of a ``size``-byte buffer (2 GiB: far beyond the caches), bytes read + written per second."""
     src = torch.ones(size, dtype=torch.uint8, device=device)
@@ -151,8 +156,8 @@ class TokenTimer:
 
 
 def median_steps(runners: dict, device: str, repeat: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median decode-step seconds of each runner over ``repeat`` generate runs, after one warm-up run each, and the
-    seconds of each warm-up run (for a compiled runner: the compilation).
+    """Median decode-step seconds of each runner over ``repeat`` generate runs, after one warm-up run each (and the
+    mean, as "NAME mean"), and the seconds of each warm-up run (for a compiled runner: the compilation).
 
     The runs are interleaved (one of each per round), so that a change in machine speed over time (a shared CPU)
     hits every implementation alike and the ratios stay fair.
@@ -170,7 +175,8 @@ def median_steps(runners: dict, device: str, repeat: int) -> tuple[dict[str, flo
             timer = TokenTimer(device)
             run_with_streamer(timer)
             steps[name] += timer.step_seconds()
-    return {name: statistics.median(values) for name, values in steps.items()}, warm_up
+    means = {f"{name} mean": statistics.fmean(values) for name, values in steps.items()}  # first steps included
+    return {name: statistics.median(values) for name, values in steps.items()} | means, warm_up
 
 
 def run(args) -> dict:
@@ -209,8 +215,10 @@ def run(args) -> dict:
         ids = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).to(args.device)
         settings = dict(max_new_tokens=new, do_sample=False)
 
-        def ours_generate(streamer, compile_steps=False, model=ours):
-            return model.generate(ids, eos_token_id=[-1], streamer=streamer, compile=compile_steps, **settings)
+        def ours_generate(streamer, compile_steps=False, model=ours, cuda_graphs=None):
+            return model.generate(
+                ids, eos_token_id=[-1], streamer=streamer, compile=compile_steps, cuda_graphs=cuda_graphs, **settings
+            )
 
         def ref_generate(streamer):
             with torch.no_grad():
@@ -223,12 +231,15 @@ def run(args) -> dict:
             impls.append((name, functools.partial(ours_generate, model=model)))
             if args.compile:
                 impls.append((f"{name} compiled", functools.partial(ours_generate, model=model, compile_steps=True)))
+            if args.device.startswith("cuda"):  # the default there replays CUDA graphs: eager steps beside them
+                impls.append((f"{name} eager", functools.partial(ours_generate, model=model, cuda_graphs=False)))
         step_seconds, warm_up = median_steps(dict(impls), args.device, args.repeat)
         for impl, _ in impls:
             tok_s = batch / step_seconds[impl]
-            extra = {"first_run_s": warm_up[impl]}
+            # the mean over all steps includes each call's one-time work (a CUDA graph's capture) that the median skips
+            extra = {"first_run_s": warm_up[impl], "tok_s_over_all_steps": batch / step_seconds[f"{impl} mean"]}
             if batch == 1:
-                gbs = bytes_per_token[impl.removesuffix(" compiled")] * tok_s / 1e9
+                gbs = bytes_per_token[base_impl(impl)] * tok_s / 1e9
                 extra.update(weight_GBps=gbs, fraction_of_bound=gbs / args.bandwidth_gbs)
             add(f"decode b{batch}", impl, tok_s, "tok/s", **extra)
 
@@ -285,7 +296,7 @@ def markdown(results: dict) -> str:
         if "weight_GBps" in row:
             lines.append(
                 f"- {row['impl']}: {row['weight_GBps']:.0f} GB/s ({100 * row['fraction_of_bound']:.0f}%), "
-                f"{results['weight_bytes_per_token'][row['impl'].removesuffix(' compiled')] / 1e9:.2f} GB per token"
+                f"{results['weight_bytes_per_token'][base_impl(row['impl'])] / 1e9:.2f} GB per token"
             )
     if "peak_memory_GB" in results:
         lines.append(f"- peak GPU memory of the whole run: {results['peak_memory_GB']:.1f} GB")

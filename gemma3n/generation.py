@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .cuda_graphs import CudaGraphDecodeStep, cuda_graphs_supported
 from .text_model import KVCache
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -266,6 +267,7 @@ def generate(
     tokenizer: Any = None,
     generation_config: GenerationConfig | None = None,
     compile: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> torch.Tensor:
     """Generate continuations; returns full sequences [B, prompt + new] like transformers' ``generate``.
 
@@ -273,7 +275,9 @@ def generate(
     ends when all rows finished or ``max_new_tokens`` were produced. ``streamer`` is a callable taking text pieces
     (batch 1), or an object with ``put(token_ids)`` / ``end()`` like transformers' streamers (``put`` gets the prompt
     [B, T] first, then each step's tokens [B]). ``compile=True`` runs the decode steps through
-    :func:`compiled_decode_step` (same tokens; pays off over many steps with recurring shapes).
+    :func:`compiled_decode_step` (same tokens; pays off over many steps with recurring shapes). On CUDA the decode
+    steps are replayed from CUDA graphs (:mod:`gemma3n.cuda_graphs`; same tokens as eager steps) unless
+    ``cuda_graphs=False`` or ``compile=True``.
     ``token_type_ids`` (from the processor) is accepted so that ``generate(**inputs)`` works, and ignored: the
     placeholder ids already mark where images and audio go, as in the reference.
     """
@@ -301,6 +305,7 @@ def generate(
         tokenizer=tokenizer,
         generation_config=generation_config,
         compile=compile,
+        cuda_graphs=cuda_graphs,
     ):
         if isinstance(piece, torch.Tensor):
             return piece
@@ -317,6 +322,7 @@ def stream_generate(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Itera
     modal = [kwargs.pop(n, None) for n in names]
     seed, generator, streamer = kwargs.pop("seed", None), kwargs.pop("generator", None), kwargs.pop("streamer")
     compile_steps = kwargs.pop("compile", False)
+    cuda_graphs = kwargs.pop("cuda_graphs", None)
     kwargs.pop("token_type_ids", None)  # processor output; unused, as in generate
     if "eos_token_id" in kwargs:
         kwargs["eos_token_ids"] = kwargs.pop("eos_token_id")
@@ -331,6 +337,7 @@ def stream_generate(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Itera
         tokenizer=tokenizer,
         generation_config=generation_config,
         compile=compile_steps,
+        cuda_graphs=cuda_graphs,
     ):
         while pieces:
             yield pieces.pop(0)
@@ -353,6 +360,7 @@ def _generate_iter(
     tokenizer: Any,
     generation_config: GenerationConfig | None,
     compile: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> Iterator[Any]:
     """Yields None after each step (so streams can flush) and finally the sequences tensor."""
     base = generation_config or GenerationConfig.from_checkpoint(
@@ -381,6 +389,12 @@ def _generate_iter(
     if compile:
         step_fn = compiled_decode_step(model)
     cache = KVCache(model.config.text, B, cache_length, dtype=model.dtype, device=device)
+    if cuda_graphs is None:
+        cuda_graphs = not compile and cuda_graphs_supported(model)
+    elif cuda_graphs and (compile or not cuda_graphs_supported(model)):
+        raise ValueError("cuda_graphs=True needs a Gemma 3n model with every weight on a CUDA device, and no compile")
+    if cuda_graphs:
+        step_fn = CudaGraphDecodeStep(model, cache, B)
     modal = dict(pixel_values=pixel_values, input_features=input_features, input_features_mask=input_features_mask)
     with torch.inference_mode():
         logits = prefill(model, input_ids, mask, positions, cache, **modal)

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 class Gemma3n(LoadedModel):
     """Gemma 3n: text decoder plus, when configured, the vision and audio towers and their embedders."""
 
+    supports_cuda_graphs = True  # its decode step never syncs with the host (tests/test_cuda.py checks the tokens)
+
     def __init__(self, config: Gemma3nConfig, *, text_only: bool = False):
         super().__init__()
         self.config = config

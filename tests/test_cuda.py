@@ -151,3 +151,50 @@ def test_quantized_load_on_cuda_is_as_close_as_the_cpu_path(tiny_text, mode, mon
 def test_int4_on_cuda_needs_bfloat16(tiny_text):
     with pytest.raises(ValueError, match="bfloat16"):
         gemma3n.load(tiny_text[1], device="cuda", dtype=torch.float32, quantize="int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_gives_the_eager_tokens(tiny_text, dtype, monkeypatch):
+    """Decoding replayed from CUDA graphs (the default on CUDA) runs the captured eager kernels: the same tokens as
+    eager steps, across an attention bucket boundary (two graphs: positions 250-260 straddle 256)."""
+    import gemma3n.generation as generation
+
+    made = []
+
+    class Recording(generation.CudaGraphDecodeStep):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(generation, "CudaGraphDecodeStep", Recording)
+    model = gemma3n.load(tiny_text[1], device="cuda", dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 280, (2, 250), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[-1], pad_token_id=0)
+    eager = model.generate(ids, cuda_graphs=False, **settings)
+    assert not made
+    replayed = model.generate(ids, **settings)
+    assert len(made) == 1 and sorted(made[0].graphs) == [256, 262]  # the cache holds 262 positions
+    assert torch.equal(replayed, eager)
+
+
+def test_cuda_graph_decoding_with_int4_weights(tiny_text, monkeypatch):
+    monkeypatch.setattr(quant, "DEFAULT_INT4_GROUP_SIZE", 32)
+    model = gemma3n.load(tiny_text[1], device="cuda", dtype=torch.bfloat16, quantize="int4")
+    ids, mask = _left_padded_batch()
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=[-1], pad_token_id=0)
+    assert torch.equal(model.generate(ids, **settings), model.generate(ids, cuda_graphs=False, **settings))
+
+
+def test_cuda_graphs_are_off_with_a_host_side_table(tiny_text):
+    from gemma3n.cuda_graphs import cuda_graphs_supported
+
+    model = gemma3n.load(tiny_text[1], device="cuda", dtype=torch.float32, ple_device="cpu")
+    assert not cuda_graphs_supported(model)
+    ids, mask = _left_padded_batch()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=[-1])
+    assert out.shape == (2, 17)
+    with pytest.raises(ValueError, match="cuda_graphs=True"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, cuda_graphs=True)

@@ -106,3 +106,14 @@ def test_generate_and_forward_accept_the_processors_token_type_ids(model):
     logits = model(**inputs).logits
     without = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
     assert torch.equal(logits, without)
+
+
+def test_cuda_graphs_need_a_model_on_cuda(model):
+    """Off CUDA the decode steps stay eager by default; asking for CUDA graphs is a clear error, not a crash."""
+    from gemma3n.cuda_graphs import cuda_graphs_supported
+
+    assert not cuda_graphs_supported(model)
+    ids = torch.tensor([[2, 105, 776]])
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a Gemma 3n model with every weight on a CUDA"):
+        model.generate(ids, max_new_tokens=2, cuda_graphs=True)
+    assert model.generate(ids, max_new_tokens=2, cuda_graphs=False).shape == (1, 5)
