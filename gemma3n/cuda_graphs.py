@@ -1,8 +1,9 @@
 """Decode steps replayed from CUDA graphs: a whole step's kernels launched at once.
 
 On a GPU, an eager Gemma 3n decode step at small batch is bound by launching its thousands of small kernels (AltUp,
-LAuReL, per-layer inputs, norms, ...), not by memory: E2B decodes at about 2% of the H200's bandwidth eagerly
-(benchmarks/results/gpu_e2b.md). A CUDA graph records the step's kernels once and replays them with one launch.
+LAuReL, per-layer inputs, norms, ...), not by memory: E2B decodes at about 2% of the H200's bandwidth eagerly. A CUDA
+graph records the step's kernels once and replays them with one launch: 4.7x the eager steps' speed there at batch 1
+(benchmarks/results/gpu_decode_graphs_e2b.md).
 
 The step is graph-safe by construction: its inputs are device tensors (the cache slot ``start`` too), it never syncs
 with the host, and its shapes change only with the attention bucket (``KVCache.visible``), so one graph per bucket
