@@ -220,3 +220,8 @@ def test_release_mapped_pages_only_touches_file_mappings(tmp_path):
     assert torch.equal(mapped, torch.from_numpy(values))  # pages now resident
     assert release_mapped_pages(mapped[mmap.PAGESIZE : 3 * mmap.PAGESIZE])
     assert torch.equal(mapped, torch.from_numpy(values))  # still readable: re-read from the file
+
+
+def test_float32_activations_on_cpu_get_a_speed_warning(tiny_checkpoint):
+    with pytest.warns(UserWarning, match="float32 activations"):
+        gemma3n.load(tiny_checkpoint, dtype=torch.float32, quantize="int8")
