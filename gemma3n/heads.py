@@ -160,7 +160,7 @@ def load_family_model(
 ) -> FamilyModel:
     """Build the head ``config`` names on the meta device and attach the memory-mapped checkpoint tensors.
 
-    ``quantize="int8" | "int4"`` (CPU) makes the decoder's linear layers (and a causal LM's head) weight-only
+    ``quantize="int8" | "int4"`` (CPU or CUDA) makes the decoder's linear layers (and a causal LM's head) weight-only
     quantized, as for Gemma 3n; see :mod:`gemma3n.quantize`.
     """
     device = resolve_device(device)
