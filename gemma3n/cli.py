@@ -80,11 +80,21 @@ class FileJob:
     media: str  # "no {media} files found"
     result_name: str  # "every file already has a {result_name} in the output"
     unit: str  # progress bar unit
+    tower: str  # the encoder tower the job runs (compiled with --compile)
 
 
-CAPTION = FileJob("caption", "image-to-text", IMAGE_EXTENSIONS, "caption", "image", "caption", unit="image")
+CAPTION = FileJob(
+    "caption", "image-to-text", IMAGE_EXTENSIONS, "caption", "image", "caption", unit="image", tower="vision_tower"
+)
 TRANSCRIBE = FileJob(
-    "transcribe", "automatic-speech-recognition", AUDIO_EXTENSIONS, "text", "audio", "transcript", unit="s of audio"
+    "transcribe",
+    "automatic-speech-recognition",
+    AUDIO_EXTENSIONS,
+    "text",
+    "audio",
+    "transcript",
+    unit="s of audio",
+    tower="audio_tower",
 )
 
 
@@ -508,6 +518,10 @@ def run_file_job(
     if args.ray or args.ray_address is not None:
         return run_on_ray(args, job, settings, log, todo, tally)
     pipe = load_pipeline(job.task, args)
+    if settings.get("compile"):  # the tower too, at --batch-size: a smaller last batch is filled up, not recompiled
+        from .pipelines.towers import compile_tower
+
+        compile_tower(pipe.model, job.tower, args.batch_size)
     timer = _timer(args)
     log.open(todo)
     try:
@@ -775,8 +789,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step with torch.compile: minutes once (cached on disk for later runs), then "
-        "1.2-1.7x faster decoding on CPU; pays off for long batch jobs (default: eager)",
+        help="compile the decode step and the vision / audio tower with torch.compile: minutes once per batch size "
+        "(cached on disk for later runs), then 1.2-1.7x faster decoding and up to 1.4x faster towers on CPU; pays off "
+        "for long batch jobs (default: eager)",
     )
 
 
