@@ -3,7 +3,8 @@
 The decode steps compile in :func:`gemma3n.generation.compiled_decode_step`; this covers the vision tower and the audio
 encoder (``enable_compile``: inductor with frozen weights). Each tower is compiled for one batch size (the pipeline's,
 or the CLI's ``--batch-size``) the first time a compiled batch needs it, so a smaller last batch is filled up rather
-than compiled again; a tower that is already compiled is left as it is.
+than compiled again; a tower that is already compiled is left as it is. Compilation is the tower's state: once on, it
+stays on for later calls of the model (``compile=False`` then only keeps the decode steps eager).
 """
 
 from __future__ import annotations
