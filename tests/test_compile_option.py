@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
 from PIL import Image
 
 import gemma3n
@@ -106,24 +105,17 @@ def test_pipeline_compile_compiles_the_vision_tower_once_at_its_batch_size(recor
     pipe = gemma3n.pipeline("image-to-text", model="tiny-random", device="cpu", max_new_tokens=2, batch_size=2)
     tower = pipe.model.vision_tower
     assert not tower.compile_enabled  # compiled only when a compiled call needs it
-    results = pipe(_images(3), compile=True)  # batches of 2 prompts: [a, b], [c filled up with a copy of c]
-    assert len(results) == 3
-    # the filler rows change nothing for the real one (fp32; same prompt, no padding: only kernel blocking differs)
-    assert results[2] == pipe(_images(3)[2:], batch_size=1)[0]  # eager decoding; the tower stays compiled
+    image = _images(1)
+    compiled = pipe(image, compile=True)  # one prompt, filled up to the batch of 2 with a copy of itself
     names = [name for name, _ in recorder.compiled]
     assert names.count("forward_features") == 1 and names.count("decode_step") == 1
     assert dict(recorder.compiled)["forward_features"]["options"] == {"freezing": True}
-    assert recorder.batches["forward_features"] == [2, 2, 2] and tower.compiled_batch_size == 2
-    assert set(recorder.batches["decode_step"]) == {2}  # one decode shape: no recompilation for the last batch
-    pixels = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        filled = tower(pixels)  # compiled already: kept at batch 2, the lone image filled up
-        with torch.enable_grad():
-            eager = tower(pixels).detach()  # gradients on: the plain network on the one image
-    assert [name for name, _ in recorder.compiled].count("forward_features") == 1
-    assert recorder.batches["forward_features"] == [2, 2, 2, 2]
-    # the same fp32 convolutions per image, only the batch differs (oneDNN may block it differently): rounding only
-    assert rel_err(filled, eager) <= 1e-5
+    assert recorder.batches["forward_features"] == [2] and tower.compiled_batch_size == 2
+    assert set(recorder.batches["decode_step"]) == {2}  # the compiled shapes: no recompilation for a short batch
+    # Eager decoding of the image alone (batch 1); the tower stays compiled at 2, so it fills up the one image itself.
+    # The filler rows change nothing for the real one (fp32, same prompt, no padding: only kernel blocking differs).
+    assert pipe(image, batch_size=1) == compiled
+    assert recorder.batches["forward_features"] == [2, 2] and len(recorder.compiled) == len(names)  # no new compile
 
 
 def test_cli_compile_compiles_the_tower_at_the_batch_size(recorder, tmp_path, capsys):
