@@ -136,3 +136,13 @@ def test_cli_compile_compiles_the_tower_at_the_batch_size(recorder, tmp_path, ca
     assert [name for name, _ in recorder.compiled].count("forward_features") == 1
     assert recorder.batches["forward_features"] == [2]  # at --batch-size: the one file filled up
     assert set(recorder.batches["decode_step"]) == {2}
+
+
+@pytest.mark.filterwarnings("ignore:the transcript of")  # tiny-random never ends a transcript by itself
+def test_pipeline_compile_compiles_the_audio_encoder_at_its_batch_size(recorder):
+    pipe = gemma3n.pipeline("asr", model="tiny-random", device="cpu", max_new_tokens=2, batch_size=2)
+    wave = np.random.default_rng(0).uniform(-0.5, 0.5, 16_000).astype(np.float32)  # 1 s: one window
+    pipe(wave, compile=True)  # the one window filled up to the batch of 2
+    assert [name for name, _ in recorder.compiled].count("encode") == 1
+    assert recorder.batches["encode"] == [2] and pipe.model.audio_tower.compiled_batch_size == 2
+    assert not pipe.model.vision_tower.compile_enabled  # only the tower the batch uses
