@@ -54,8 +54,10 @@ def decode_image(_pipe: Any, source: Any) -> tuple[Any, float]:
 
 
 def caption_batch(pipe: Any, images: list[Any], _on_progress: Callable[[float], None], **settings: Any) -> list[dict]:
-    """``[{"caption": ...}]``, one per image; ``settings``: the pipeline's (prompt, max_new_tokens, ...)."""
-    return [{"caption": r[0]["generated_text"]} for r in pipe(images, batch_size=len(images), **settings)]
+    """``[{"caption": ...}]``, one per image; ``settings``: the pipeline's (prompt, max_new_tokens, ...; batch_size
+    defaults to all the images at once)."""
+    settings.setdefault("batch_size", len(images))
+    return [{"caption": r[0]["generated_text"]} for r in pipe(images, **settings)]
 
 
 def decode_audio(pipe: Any, source: Any) -> tuple[dict, float]:
@@ -86,7 +88,8 @@ def transcribe_batch(
 
     if timestamps:
         settings["return_timestamps"] = "chunk"
-    results = pipe(clips, batch_size=len(clips), on_batch=windows_done, **settings)
+    settings.setdefault("batch_size", len(clips))
+    results = pipe(clips, on_batch=windows_done, **settings)
     return [{"text": r["text"], **({"chunks": jsonable_chunks(r["chunks"])} if "chunks" in r else {})} for r in results]
 
 

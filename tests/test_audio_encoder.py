@@ -192,7 +192,9 @@ def test_encode_traces_as_one_graph(published):
 def test_compiled_fp32_parity_mixed_batch(published):
     """``enable_compile()``: inductor with frozen weights, fused elementwise kernels; the reference's tolerance."""
     tower, path, _ = published
-    encoder = load_encoder(path).enable_compile()
+    # batches of 2 (as the pipelines fix the batch): the 3 clips run as 2 + (1 filled up with a copy of itself),
+    # one compiled shape; clips do not interact, so the filler changes nothing but the kernels' blocking (rounding)
+    encoder = load_encoder(path).enable_compile(batch_size=2)
     feats, mask = log_mel_like(LENGTHS, 128)
     ref, ref_valid = _reference_run(tower, feats, mask)
     with torch.no_grad():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import gemma3n
 from gemma3n import cli
+from gemma3n.encoders.fixed_batch import run_in_fixed_batches
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +49,100 @@ def test_pipeline_compile_default_from_construction(monkeypatch):
 def test_cli_compile_flag(flag):
     args = cli.build_parser().parse_args(["caption", "--model", "tiny-random", *flag, "a.png"])
     assert cli._generation_settings(args).get("compile", False) is bool(flag)
+
+
+# ---- the towers: compile=True / --compile also compile the encoder a batch uses, at one batch size ----------------
+
+
+class CompileRecorder:
+    """Stands in for ``torch.compile``: records what was compiled and the batch of every call, and runs it eagerly
+    (the real compiled towers are checked against the reference in test_vision_encoder / test_audio_encoder)."""
+
+    def __init__(self):
+        self.compiled: list[tuple[str, dict]] = []
+        self.batches: dict[str, list[int]] = {}
+
+    def __call__(self, fn, **options):
+        name = getattr(fn, "__name__", repr(fn))
+        self.compiled.append((name, options))
+
+        def run(*args, **kwargs):
+            first = next(a for a in args if isinstance(a, torch.Tensor))  # decode_step takes the model first
+            self.batches.setdefault(name, []).append(first.shape[0])
+            return fn(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def recorder(monkeypatch) -> CompileRecorder:
+    recorder = CompileRecorder()
+    monkeypatch.setattr(torch, "compile", recorder)
+    return recorder
+
+
+def _images(n: int):
+    return [Image.fromarray(np.full((40 + 8 * i, 56, 3), 30 * i, dtype=np.uint8)) for i in range(n)]
+
+
+def test_run_in_fixed_batches_fills_and_drops():
+    calls = []
+
+    def rowwise(x, mask):
+        calls.append(x.shape[0])
+        return x * 2, mask & (x.sum(dim=1) > 0)
+
+    x, mask = torch.arange(1.0, 15.0).reshape(7, 2), torch.tensor([True, False, True, True, False, True, True])
+    out, kept = run_in_fixed_batches(rowwise, 3, x, mask)
+    assert calls == [3, 3, 3]  # 3 + 3 + 1 filled up to 3
+    assert torch.equal(out, x * 2) and torch.equal(kept, mask)
+    assert torch.equal(run_in_fixed_batches(lambda t: t + 1, 4, x[:2]), x[:2] + 1)  # one filled chunk, a tensor out
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run_in_fixed_batches(rowwise, 0, x, mask)
+
+
+def test_pipeline_compile_compiles_the_vision_tower_once_at_its_batch_size(recorder):
+    pipe = gemma3n.pipeline("image-to-text", model="tiny-random", device="cpu", max_new_tokens=2, batch_size=2)
+    tower = pipe.model.vision_tower
+    assert not tower.compile_enabled  # compiled only when a compiled call needs it
+    image = _images(1)
+    compiled = pipe(image, compile=True)  # one prompt, filled up to the batch of 2 with a copy of itself
+    names = [name for name, _ in recorder.compiled]
+    assert names.count("forward_features") == 1 and names.count("decode_step") == 1
+    assert dict(recorder.compiled)["forward_features"]["options"] == {"freezing": True}
+    assert recorder.batches["forward_features"] == [2] and tower.compiled_batch_size == 2
+    assert set(recorder.batches["decode_step"]) == {2}  # the compiled shapes: no recompilation for a short batch
+    # Eager decoding of the image alone (batch 1); the tower stays compiled at 2, so it fills up the one image itself.
+    # The filler rows change nothing for the real one (fp32, same prompt, no padding: only kernel blocking differs).
+    assert pipe(image, batch_size=1) == compiled
+    assert recorder.batches["forward_features"] == [2, 2] and len(recorder.compiled) == len(names)  # no new compile
+
+
+def test_cli_compile_compiles_the_tower_at_the_batch_size(recorder, tmp_path, capsys):
+    _images(1)[0].save(tmp_path / "a.png")
+    args = [
+        "caption",
+        str(tmp_path),
+        "--model",
+        "tiny-random",
+        "--compile",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "2",
+    ]
+    assert cli.main(args) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert [name for name, _ in recorder.compiled].count("forward_features") == 1
+    assert recorder.batches["forward_features"] == [2]  # at --batch-size: the one file filled up
+    assert set(recorder.batches["decode_step"]) == {2}
+
+
+@pytest.mark.filterwarnings("ignore:the transcript of")  # tiny-random never ends a transcript by itself
+def test_pipeline_compile_compiles_the_audio_encoder_at_its_batch_size(recorder):
+    pipe = gemma3n.pipeline("asr", model="tiny-random", device="cpu", max_new_tokens=2, batch_size=2)
+    wave = np.random.default_rng(0).uniform(-0.5, 0.5, 16_000).astype(np.float32)  # 1 s: one window
+    pipe(wave, compile=True)  # the one window filled up to the batch of 2
+    assert [name for name, _ in recorder.compiled].count("encode") == 1
+    assert recorder.batches["encode"] == [2] and pipe.model.audio_tower.compiled_batch_size == 2
+    assert not pipe.model.vision_tower.compile_enabled  # only the tower the batch uses

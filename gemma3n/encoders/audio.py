@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma3n.config import AudioConfig, ConfigError
+from gemma3n.encoders.fixed_batch import run_in_fixed_batches
 from gemma3n.modules import RMSNorm
 
 # Frequency padding of every sub-sampling convolution: one bin on each side, whatever the kernel (as the reference).
@@ -358,6 +359,7 @@ class AudioEncoder(nn.Module):
         self.subsample_conv_projection = SubSampleConvProjection(config)
         self.conformer = nn.ModuleList(ConformerBlock(config) for _ in range(config.conf_num_hidden_layers))
         self._compiled_encode = None  # set by enable_compile()
+        self.compiled_batch_size: int | None = None  # compiled calls encode this many clips at a time (None: any)
 
     # ---- shapes and masks (no host synchronisation) ----
 
@@ -425,21 +427,35 @@ class AudioEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch of log-mel clips; see the class docstring for shapes and conventions."""
         self.check_inputs(input_features, input_features_mask)
-        encode = self.encode
-        if self._compiled_encode is not None and not torch.is_grad_enabled():
-            encode = self._compiled_encode
-        return encode(input_features, input_features_mask)
+        if self._compiled_encode is None or torch.is_grad_enabled():
+            return self.encode(input_features, input_features_mask)
+        if self.compiled_batch_size is None:
+            return self._compiled_encode(input_features, input_features_mask)
+        encoded = run_in_fixed_batches(
+            self._compiled_encode, self.compiled_batch_size, input_features, input_features_mask
+        )
+        return encoded[0], encoded[1]
 
-    def enable_compile(self, freezing: bool = True) -> AudioEncoder:
+    def enable_compile(self, freezing: bool = True, batch_size: int | None = None) -> AudioEncoder:
         """Run ``encode`` through ``torch.compile`` (inductor) from the next gradient-free ``forward`` on.
 
         With ``freezing`` (the default) the weights become constants: inductor packs the linear and convolution
         weights for oneDNN and fuses the norms, clamps, activations and the attention's soft-cap / mask / softmax
-        into a few kernels. Each new input shape compiles once. Frozen weights are a snapshot: load or change
-        weights before the first compiled call. Calls with gradients enabled stay eager.
+        into a few kernels. Each new input shape compiles once. ``batch_size`` fixes the compiled batch (chunks of
+        that many clips; a smaller batch is filled up with copies of its last clip, whose outputs are dropped), so
+        only the number of frames can bring a new shape. Frozen weights are a snapshot: load or change weights
+        before the first compiled call. Calls with gradients enabled stay eager.
         """
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._compiled_encode = torch.compile(self.encode, dynamic=False, options={"freezing": freezing})
+        self.compiled_batch_size = batch_size
         return self
+
+    @property
+    def compile_enabled(self) -> bool:
+        """Whether :meth:`enable_compile` was called."""
+        return self._compiled_encode is not None
 
     def encode(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor

@@ -36,6 +36,7 @@ from timm.layers.padding import pad_same
 from torch import nn
 
 from gemma3n.config import ConfigError, VisionConfig
+from gemma3n.encoders.fixed_batch import run_in_fixed_batches
 
 
 class ChannelsLastRmsNorm2d(nn.Module):
@@ -172,6 +173,7 @@ class VisionTower(nn.Module):
         self.scale = config.hidden_size**0.5  # a Python float: nothing to materialise after a meta build
         self.channels_last = False
         self._compiled_features = None  # set by enable_compile()
+        self.compiled_batch_size: int | None = None  # compiled calls run this many images at a time (None: any)
         self._check_built_model(config)
 
     def _check_built_model(self, config: VisionConfig) -> None:
@@ -207,31 +209,49 @@ class VisionTower(nn.Module):
         self.channels_last = True
         return self
 
-    def enable_compile(self, freezing: bool = True) -> VisionTower:
+    def enable_compile(self, freezing: bool = True, batch_size: int | None = None) -> VisionTower:
         """Run the network through ``torch.compile`` (inductor) from the next gradient-free call on.
 
         With ``freezing`` (the default) inductor treats the weights as constants: it packs every convolution weight
         for oneDNN and folds the norms and activations around the convolutions into fused kernels. The first call for
         each input shape compiles (see ``benchmarks/results/encoders_cpu.md`` for the cost); later calls reuse it.
-        Frozen weights are a snapshot: load or change weights before the first compiled call. Calls with gradients
-        enabled stay eager.
+        ``batch_size`` fixes the compiled batch: larger batches run in chunks of that many images and a smaller one
+        (e.g. the last of a job) is filled up with copies of its last image whose outputs are dropped, so one
+        compilation serves every batch. Frozen weights are a snapshot: load or change weights before the first
+        compiled call. Calls with gradients enabled stay eager.
         """
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._compiled_features = torch.compile(
             self.timm_model.forward_features, dynamic=False, options={"freezing": freezing}
         )
+        self.compiled_batch_size = batch_size
         return self
+
+    @property
+    def compile_enabled(self) -> bool:
+        """Whether :meth:`enable_compile` was called."""
+        return self._compiled_features is not None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must have shape [N, 3, H, W], got {tuple(pixel_values.shape)}")
         weight = next(self.timm_model.parameters())
         x = pixel_values.to(device=weight.device, dtype=weight.dtype)
-        if self.channels_last or x.device.type == "cpu":  # NHWC activations: fused norms, oneDNN's native layout
+        nhwc = self.channels_last or x.device.type == "cpu"  # NHWC activations: fused norms, oneDNN's native layout
+        if nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
-        run = self.timm_model.forward_features
         if self._compiled_features is not None and not torch.is_grad_enabled():
-            run = self._compiled_features
-        features = run(x)  # [N, C, h, w]
+            compiled = self._compiled_features
+            if self.compiled_batch_size is None:
+                features = compiled(x)  # [N, C, h, w]
+            else:  # filled-up chunks are concatenated copies: lay them out as the compiled graph expects
+                layout = torch.channels_last if nhwc else torch.contiguous_format
+                features = run_in_fixed_batches(
+                    lambda chunk: compiled(chunk.contiguous(memory_format=layout)), self.compiled_batch_size, x
+                )
+        else:
+            features = self.timm_model.forward_features(x)
         n, c, h, w = features.shape
         if c != self.hidden_size or h * w != self.soft_tokens:
             raise ValueError(

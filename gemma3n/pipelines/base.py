@@ -16,6 +16,7 @@ import torch
 
 from ..generation import GenerationConfig, stream_generate
 from ..processors.chat import chat_media
+from .towers import compile_towers
 
 # Keywords that go to generation rather than to the task (GenerationConfig fields and generate()'s extras).
 GENERATION_KEYS = frozenset(
@@ -191,9 +192,20 @@ class Pipeline:
             compile=bool(gen.get("compile", False)),
         )
 
-    def forward(self, prompts: Sequence[Prompt], gen: dict[str, Any]) -> list[Generated]:
-        """Generate for a batch of prompts at once: one processor call (left padding) and one ``generate``."""
+    def forward(self, prompts: Sequence[Prompt], gen: dict[str, Any], batch_size: int | None = None) -> list[Generated]:
+        """Generate for a batch of prompts at once: one processor call (left padding) and one ``generate``.
+
+        With ``gen["compile"]`` the towers the batch uses are compiled too, for ``batch_size`` images or clips at a
+        time (default: this batch's prompt count), and a smaller batch (the last of a job) is filled up to
+        ``batch_size`` with copies of its last prompt, whose outputs are dropped: compiled towers and decode steps
+        see the batch size they were compiled for instead of compiling again (minutes per shape at E2B).
+        """
+        real = len(prompts)
+        if gen.get("compile") and batch_size is not None and real < batch_size:
+            prompts = list(prompts) + [prompts[-1]] * (batch_size - real)
         inputs = self.model_inputs(prompts)
+        if gen.get("compile"):
+            compile_towers(self.model, inputs, batch_size or real)
         input_ids = inputs["input_ids"]
         config = self.generation_config.updated(**_config_part(gen))
         sequences = self.model.generate(
@@ -204,7 +216,7 @@ class Pipeline:
         new = sequences[:, input_ids.shape[1] :].cpu()
         end_ids = set(config.eos_token_ids)
         results = []
-        for row in range(len(prompts)):
+        for row in range(real):
             tokens = new[row].tolist()
             ends = [i for i, t in enumerate(tokens) if t in end_ids]
             finished = bool(ends)
@@ -271,10 +283,10 @@ class Pipeline:
                 pending.extend((index, p) for p in prompts)
                 while len(pending) >= batch_size:
                     batch, pending = pending[:batch_size], pending[batch_size:]
-                    self._run_batch(batch, gen, outputs, on_batch)
+                    self._run_batch(batch, gen, outputs, on_batch, batch_size)
                     yield from finished_items()
             if pending:
-                self._run_batch(pending, gen, outputs, on_batch)
+                self._run_batch(pending, gen, outputs, on_batch, batch_size)
             yield from finished_items()
 
     def _run_batch(
@@ -283,8 +295,9 @@ class Pipeline:
         gen: dict[str, Any],
         outputs: dict,
         on_batch: Callable[[list[Prompt]], None] | None = None,
+        batch_size: int | None = None,
     ) -> None:
-        results = self.forward([p for _, p in batch], gen)
+        results = self.forward([p for _, p in batch], gen, batch_size)
         for (index, _), result in zip(batch, results, strict=True):
             outputs.setdefault(index, []).append(result)
         if on_batch is not None:
@@ -297,6 +310,8 @@ class Pipeline:
     def _stream_prompt(self, prompt: Prompt, gen: dict[str, Any]) -> Iterator[str]:
         """Text pieces of the answer to one prompt, as they are generated."""
         inputs = self.model_inputs([prompt])
+        if gen.get("compile"):
+            compile_towers(self.model, inputs, 1)
         config = self.generation_config.updated(**_config_part(gen))
         yield from stream_generate(
             self.model,
