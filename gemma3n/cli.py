@@ -778,7 +778,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=["int8", "int4"],
         default=None,
-        help="weight-only quantized text decoder and LM head, CPU (default: none, the checkpoint's precision)",
+        help="weight-only quantized text decoder and LM head, CPU or CUDA (default: none, the checkpoint's precision)",
     )
     parser.add_argument(
         "--compile",

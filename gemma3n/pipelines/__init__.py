@@ -70,8 +70,8 @@ def pipeline(
     device: default CUDA when available, else CPU. dtype: default the checkpoint's own (bfloat16 as published).
     batch_size: prompts generated together in one left-padded batch (texts classified together, padded on the
         tokenizer's side or ``padding_side``).
-    quantize: "int8" or "int4" loads the text decoder with weight-only quantized linear layers (CPU; a checkpoint
-        path or hub id only, not an already loaded model).
+    quantize: "int8" or "int4" loads the text decoder with weight-only quantized linear layers (CPU or CUDA; a
+        checkpoint path or hub id only, not an already loaded model).
     defaults: generation settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``stop_strings``, ``seed``, ``generate_kwargs={...}``) and task settings (``return_full_text``, ``prompt``,
         ``instruction``; ``top_k`` / ``function_to_apply`` for text classification, ``aggregation_strategy`` /
