@@ -31,6 +31,7 @@ class Gemma3n(LoadedModel):
         self.language_model = TextModel(config.text)
         self.has_vision = config.vision is not None and not text_only
         self.has_audio = config.audio is not None and not text_only
+        self._tower_weight_hooks: list = []  # set by stream_tower_weights()
         if self.has_vision:
             from .encoders.embedder import MultimodalEmbedder
             from .encoders.vision import VisionTower
@@ -56,6 +57,7 @@ class Gemma3n(LoadedModel):
         ple_device: torch.device | str | None = None,
         quantize: str | None = None,
         matformer: MatformerSpec | dict[str, Any] | str | None = None,
+        low_memory: bool | None = None,
     ) -> Gemma3n:
         """Load a checkpoint in the published Hugging Face layout: a directory, "tiny-random" or a hub id.
 
@@ -67,6 +69,9 @@ class Gemma3n(LoadedModel):
         int4, quantized tensor by tensor from the memory-mapped checkpoint; see :mod:`gemma3n.quantize`.
         ``matformer`` (a preset name or ``{"ffn_dims": ..., "skip_layers": [...]}``) loads a MatFormer slice of the
         checkpoint, reading only the kept rows and columns; see :mod:`gemma3n.matformer`.
+        ``low_memory`` (default: on with ``quantize``, off otherwise) keeps the vision and audio towers' weights on
+        disk: each tower block's memory-mapped pages are dropped after the block has run, and the vision convolutions
+        keep no packed weight copy; outputs are unchanged; see :mod:`gemma3n.low_memory`.
         """
         path = resolve_model_name(path)  # a directory, "tiny-random" or a hub id
         device = resolve_device(device)
@@ -94,7 +99,24 @@ class Gemma3n(LoadedModel):
         if ple_device is not None and torch.device(ple_device).type == "cpu" and torch.device(device).type == "cuda":
             model.language_model.embed_tokens_per_layer.weight = nn.Parameter(table.pin_memory(), requires_grad=False)
         model.path = path
+        if low_memory is None:
+            low_memory = quantize is not None
+        if low_memory:
+            model.stream_tower_weights()
         return model.eval().requires_grad_(False)
+
+    def stream_tower_weights(self) -> Gemma3n:
+        """Keep the towers' memory-mapped weights on disk between blocks (see :mod:`gemma3n.low_memory`)."""
+        from .low_memory import stream_tower_weights
+
+        if self._tower_weight_hooks:
+            return self  # already streaming
+        if self.has_vision:
+            self.vision_tower.drop_packed_weights()
+            self._tower_weight_hooks += stream_tower_weights(self.vision_tower, self.vision_tower.timm_model)
+        if self.has_audio:
+            self._tower_weight_hooks += stream_tower_weights(self.audio_tower)
+        return self
 
     @property
     def token_embedding(self) -> torch.Tensor:
@@ -259,14 +281,15 @@ def load(
     ple_device: torch.device | str | None = None,
     quantize: str | None = None,
     matformer: MatformerSpec | dict[str, Any] | str | None = None,
+    low_memory: bool | None = None,
 ) -> Gemma3n | FamilyModel:
     """Load a checkpoint (a directory in the published Hugging Face layout, "tiny-random" or a hub id) onto
     ``device`` in ``dtype`` (default: the checkpoint's own), as the model its ``config.json`` describes.
 
     Gemma 3n gives a :class:`Gemma3n`; Gemma and Gemma 2 give a :class:`gemma3n.heads.CausalLM`,
     ``SequenceClassifier`` or ``TokenClassifier`` after the config's ``architectures``. ``quantize`` ("int8",
-    "int4", None) applies to all of them. See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device`` and
-    ``matformer``, which are Gemma 3n's (``text_only`` changes nothing for the text-only families).
+    "int4", None) applies to all of them. See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device``,
+    ``matformer`` and ``low_memory``, which are Gemma 3n's (``text_only`` changes nothing for the text-only families).
     """
     path = resolve_model_name(path)
     data = read_config_json(path)
@@ -274,7 +297,7 @@ def load(
         from .heads import load_family_model
 
         config = GemmaConfig.from_dict(data)
-        for name, value in (("ple_device", ple_device), ("matformer", matformer)):
+        for name, value in (("ple_device", ple_device), ("matformer", matformer), ("low_memory", low_memory)):
             if value is not None:
                 raise ValueError(f"{name}= applies to Gemma 3n checkpoints; {path} holds a {config.model_type} model")
         return load_family_model(path, config, device=device, dtype=dtype, quantize=quantize)
@@ -286,4 +309,5 @@ def load(
         ple_device=ple_device,
         quantize=quantize,
         matformer=matformer,
+        low_memory=low_memory,
     )
