@@ -69,9 +69,9 @@ class Gemma3n(LoadedModel):
         int4, quantized tensor by tensor from the memory-mapped checkpoint; see :mod:`gemma3n.quantize`.
         ``matformer`` (a preset name or ``{"ffn_dims": ..., "skip_layers": [...]}``) loads a MatFormer slice of the
         checkpoint, reading only the kept rows and columns; see :mod:`gemma3n.matformer`.
-        ``low_memory`` (default: on with ``quantize``, off otherwise) keeps the vision and audio towers' weights on
-        disk: each tower block's memory-mapped pages are dropped after the block has run, and the vision convolutions
-        keep no packed weight copy; outputs are unchanged; see :mod:`gemma3n.low_memory`.
+        ``low_memory`` (CPU; default: on with ``quantize``, off otherwise) keeps the vision and audio towers' weights
+        on disk: each tower block's memory-mapped pages are dropped after the block has run, and the vision
+        convolutions keep no packed weight copy; outputs are unchanged; see :mod:`gemma3n.low_memory`.
         """
         path = resolve_model_name(path)  # a directory, "tiny-random" or a hub id
         device = resolve_device(device)
@@ -101,20 +101,25 @@ class Gemma3n(LoadedModel):
         model.path = path
         if low_memory is None:
             low_memory = quantize is not None
-        if low_memory:
+        if low_memory and torch.device(device).type == "cpu":
             model.stream_tower_weights()
         return model.eval().requires_grad_(False)
 
-    def stream_tower_weights(self) -> Gemma3n:
-        """Keep the towers' memory-mapped weights on disk between blocks (see :mod:`gemma3n.low_memory`)."""
+    def stream_tower_weights(self, enable: bool = True) -> Gemma3n:
+        """Keep the towers' memory-mapped weights on disk between blocks, and no packed vision weights between calls
+        (``enable=False``: back to resident weights); see :mod:`gemma3n.low_memory`."""
         from .low_memory import stream_tower_weights
 
-        if self._tower_weight_hooks:
-            return self  # already streaming
+        if bool(self._tower_weight_hooks) == enable:
+            return self
+        for handle in self._tower_weight_hooks:
+            handle.remove()
+        self._tower_weight_hooks = []
         if self.has_vision:
-            self.vision_tower.drop_packed_weights()
-            self._tower_weight_hooks += stream_tower_weights(self.vision_tower, self.vision_tower.timm_model)
-        if self.has_audio:
+            self.vision_tower.keep_packed_weights(not enable)
+            if enable:
+                self._tower_weight_hooks += stream_tower_weights(self.vision_tower, self.vision_tower.timm_model)
+        if self.has_audio and enable:
             self._tower_weight_hooks += stream_tower_weights(self.audio_tower)
         return self
 

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from pipeline_helpers import make_audio, make_image, reference
+from vision_helpers import one_thread_fixture  # noqa: F401  (autouse: torch on one thread in this module)
 
 import gemma3n
 from gemma3n.encoders.vision import PrepackedConv2d
@@ -132,4 +133,9 @@ def test_low_memory_defaults(models):
     path = reference().path
     assert models["streamed"]._tower_weight_hooks and not models["resident"]._tower_weight_hooks
     assert not gemma3n.load(path)._tower_weight_hooks  # no quantize: towers stay resident, as before
-    assert gemma3n.load(path, low_memory=True)._tower_weight_hooks
+    model = gemma3n.load(path, low_memory=True)
+    assert model._tower_weight_hooks
+    convs = [m for m in model.vision_tower.modules() if isinstance(m, PrepackedConv2d)]
+    assert not any(m.keep_packed for m in convs)
+    model.stream_tower_weights(False)  # back to resident weights
+    assert not model._tower_weight_hooks and all(m.keep_packed for m in convs)

@@ -91,7 +91,7 @@ class PrepackedConv2d(nn.Module):
     until the weight changes; the result is the same oneDNN convolution. Off CPU, or without oneDNN, it is
     ``F.conv2d``. ``weight`` / ``bias`` stay the original Parameters, so state-dict names do not change; the packed
     copy costs as much memory again as the convolution weights (E2B vision tower: ~0.6 GB in bf16); with
-    ``keep_packed = False`` (:meth:`VisionTower.drop_packed_weights`) every call packs the weight afresh and frees the
+    ``keep_packed = False`` (:meth:`VisionTower.keep_packed_weights`) every call packs the weight afresh and frees the
     copy after the convolution: the same kernel and result, no persistent copy.
     """
 
@@ -216,13 +216,15 @@ class VisionTower(nn.Module):
         self.channels_last = True
         return self
 
-    def drop_packed_weights(self) -> VisionTower:
-        """Keep no oneDNN-packed convolution weights between calls: each call packs and frees them (same outputs,
-        ~0.6 GB less for E2B in bf16, at the cost of the packing on every call)."""
+    def keep_packed_weights(self, keep: bool = True) -> VisionTower:
+        """Whether the CPU convolutions keep their oneDNN-packed weights between calls (the default). ``keep=False``
+        packs them on every call and frees them after it: same outputs, no persistent copy (~0.6 GB for E2B in
+        bf16), at the cost of the packing on every call."""
         for module in self.modules():
             if isinstance(module, PrepackedConv2d):
-                module.keep_packed = False
-                module._packed = module._packed_from = None
+                module.keep_packed = keep
+                if not keep:
+                    module._packed = module._packed_from = None
         return self
 
     def enable_compile(self, freezing: bool = True) -> VisionTower:
