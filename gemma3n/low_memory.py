@@ -7,9 +7,11 @@ call reads them again, from the page cache when the file is still there (from di
 one block of weights plus its activations at a time instead of all its weights for the rest of the process (E2B, bf16:
 vision 0.6 GB, audio 1.37 GB). The computation is unchanged: the same weights go through the same kernels.
 
-Only tensors lying inside a file mapping are touched: a weight that was cast or copied at load (another dtype, another
-device) is ordinary memory and stays as it is. ``Gemma3n.load`` turns this on with ``low_memory=True``, the default
-when ``quantize=`` is given (see ``benchmarks/results/multimodal_memory_e2b.md`` for the memory and time it costs).
+Only tensors lying inside a file mapping and never written in place are touched: a weight that was cast or copied at
+load (another dtype, another device) is ordinary memory, and a mapped weight changed in place (its version counter
+moved) holds private copies of its pages, which releasing would throw away; both stay as they are. ``Gemma3n.load``
+turns this on with ``low_memory=True``, the default when ``quantize=`` is given (see
+``benchmarks/results/multimodal_memory_e2b.md`` for the memory and time it costs).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class _MappedWeights:
             return
         mappings = self.mappings if self.mappings is not None else _file_mappings()
         for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.device.type == "cpu":
+            # a tensor written in place (version > 0) holds private copies of its pages: releasing would undo the write
+            if tensor.device.type == "cpu" and tensor._version == 0:
                 release_mapped_pages(tensor.detach(), mappings)
 
 

@@ -139,3 +139,17 @@ def test_low_memory_defaults(models):
     assert not any(m.keep_packed for m in convs)
     model.stream_tower_weights(False)  # back to resident weights
     assert not model._tower_weight_hooks and all(m.keep_packed for m in convs)
+
+
+def test_a_weight_changed_in_place_is_kept(inputs):
+    """Pages of the copy-on-write map that were written hold the only copy of the new values: never released."""
+    model = gemma3n.load(reference().path, low_memory=True)
+    weight = model.audio_tower.conformer[0].ffw_layer_start.ffw_layer_1.weight
+    doubled = weight.detach() * 2
+    with torch.no_grad():
+        weight.mul_(2)
+    features, mask = inputs["input_features"].float(), inputs["input_features_mask"].bool()
+    with torch.inference_mode():
+        first = model.audio_tower(features, mask)[0]
+        assert torch.equal(weight, doubled)
+        assert torch.equal(model.audio_tower(features, mask)[0], first)
