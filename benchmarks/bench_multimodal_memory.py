@@ -237,6 +237,17 @@ def overhead_markdown(record: dict | None, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resumed_records(log: str) -> list[dict]:
+    """The finished processes' records from the stderr log of an interrupted run (one JSON object per line)."""
+    records = []
+    for line in Path(log).read_text(encoding="utf-8").splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if "error" not in record:
+                records.append(record)
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/work/cache/e2b")
@@ -248,6 +259,7 @@ def main() -> None:
     parser.add_argument(
         "--overhead-rounds", type=int, default=3, help="rounds of the in-process tower timing (0: none)"
     )
+    parser.add_argument("--resume", default=None, help="stderr log of an interrupted run: reuse its finished records")
     parser.add_argument("--lock", default=None, help="flock file held around each process")
     parser.add_argument("--out", default=str(HERE / "results" / "multimodal_memory_e2b"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -258,15 +270,18 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False
     ).stdout.strip()
-    records = []
+    records = resumed_records(args.resume) if args.resume else []
+    if args.overhead_rounds and not any(r["config"] == "overhead" for r in records):
+        print("tower overhead (one process)", file=sys.stderr, flush=True)
+        records.append(run_child(args, "overhead"))
+        print(json.dumps(records[-1]), file=sys.stderr, flush=True)
     for round_index in range(args.rounds):
         for config in args.configs:
+            if sum(r["config"] == config for r in records) > round_index:
+                continue  # done in the resumed run
             print(f"round {round_index + 1}/{args.rounds}: {config}", file=sys.stderr, flush=True)
             records.append(run_child(args, config))
             print(json.dumps(records[-1]), file=sys.stderr, flush=True)
-    if args.overhead_rounds:
-        print("tower overhead (one process)", file=sys.stderr, flush=True)
-        records.append(run_child(args, "overhead"))
     summary = summarize([r for r in records if r["config"] != "overhead"])
     overhead = next((r for r in records if r["config"] == "overhead" and "error" not in r), None)
     out = Path(args.out)
