@@ -33,6 +33,7 @@ class Gemma3n(LoadedModel):
         self.language_model = TextModel(config.text)
         self.has_vision = config.vision is not None and not text_only
         self.has_audio = config.audio is not None and not text_only
+        self._tower_weight_hooks: list = []  # set by stream_tower_weights()
         if self.has_vision:
             from .encoders.embedder import MultimodalEmbedder
             from .encoders.vision import VisionTower
@@ -58,6 +59,7 @@ class Gemma3n(LoadedModel):
         ple_device: torch.device | str | None = None,
         quantize: str | None = None,
         matformer: MatformerSpec | dict[str, Any] | str | None = None,
+        low_memory: bool | None = None,
     ) -> Gemma3n:
         """Load a checkpoint in the published Hugging Face layout: a directory, "tiny-random" or a hub id.
 
@@ -69,6 +71,9 @@ class Gemma3n(LoadedModel):
         int4, quantized tensor by tensor from the memory-mapped checkpoint; see :mod:`gemma3n.quantize`.
         ``matformer`` (a preset name or ``{"ffn_dims": ..., "skip_layers": [...]}``) loads a MatFormer slice of the
         checkpoint, reading only the kept rows and columns; see :mod:`gemma3n.matformer`.
+        ``low_memory`` (CPU; default: on with ``quantize``, off otherwise) keeps the vision and audio towers' weights
+        on disk: each tower block's memory-mapped pages are dropped after the block has run, and the vision
+        convolutions keep no packed weight copy; outputs are unchanged; see :mod:`gemma3n.low_memory`.
         """
         path = resolve_model_name(path)  # a directory, "tiny-random" or a hub id
         device = resolve_device(device)
@@ -96,7 +101,29 @@ class Gemma3n(LoadedModel):
         if ple_device is not None and torch.device(ple_device).type == "cpu" and torch.device(device).type == "cuda":
             model.language_model.embed_tokens_per_layer.weight = nn.Parameter(table.pin_memory(), requires_grad=False)
         model.path = path
+        if low_memory is None:
+            low_memory = quantize is not None
+        if low_memory and torch.device(device).type == "cpu":
+            model.stream_tower_weights()
         return model.eval().requires_grad_(False)
+
+    def stream_tower_weights(self, enable: bool = True) -> Gemma3n:
+        """Keep the towers' memory-mapped weights on disk between blocks, and no packed vision weights between calls
+        (``enable=False``: back to resident weights); see :mod:`gemma3n.low_memory`."""
+        from .low_memory import stream_tower_weights
+
+        if bool(self._tower_weight_hooks) == enable:
+            return self
+        for handle in self._tower_weight_hooks:
+            handle.remove()
+        self._tower_weight_hooks = []
+        if self.has_vision:
+            self.vision_tower.keep_packed_weights(not enable)
+            if enable:
+                self._tower_weight_hooks += stream_tower_weights(self.vision_tower, self.vision_tower.timm_model)
+        if self.has_audio and enable:
+            self._tower_weight_hooks += stream_tower_weights(self.audio_tower)
+        return self
 
     @property
     def token_embedding(self) -> torch.Tensor:
@@ -261,14 +288,15 @@ def load(
     ple_device: torch.device | str | None = None,
     quantize: str | None = None,
     matformer: MatformerSpec | dict[str, Any] | str | None = None,
+    low_memory: bool | None = None,
 ) -> Gemma3n | FamilyModel:
     """Load a checkpoint (a directory in the published Hugging Face layout, "tiny-random" or a hub id) onto
     ``device`` in ``dtype`` (default: the checkpoint's own), as the model its ``config.json`` describes.
 
     Gemma 3n gives a :class:`Gemma3n`; Gemma and Gemma 2 give a :class:`gemma3n.heads.CausalLM`,
     ``SequenceClassifier`` or ``TokenClassifier`` after the config's ``architectures``. ``quantize`` ("int8",
-    "int4", None) applies to all of them. See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device`` and
-    ``matformer``, which are Gemma 3n's (``text_only`` changes nothing for the text-only families).
+    "int4", None) applies to all of them. See :meth:`Gemma3n.from_pretrained` for ``text_only``, ``ple_device``,
+    ``matformer`` and ``low_memory``, which are Gemma 3n's (``text_only`` changes nothing for the text-only families).
     """
     path = resolve_model_name(path)
     data = read_config_json(path)
@@ -276,7 +304,7 @@ def load(
         from .heads import load_family_model
 
         config = GemmaConfig.from_dict(data)
-        for name, value in (("ple_device", ple_device), ("matformer", matformer)):
+        for name, value in (("ple_device", ple_device), ("matformer", matformer), ("low_memory", low_memory)):
             if value is not None:
                 raise ValueError(f"{name}= applies to Gemma 3n checkpoints; {path} holds a {config.model_type} model")
         return load_family_model(path, config, device=device, dtype=dtype, quantize=quantize)
@@ -288,4 +316,5 @@ def load(
         ple_device=ple_device,
         quantize=quantize,
         matformer=matformer,
+        low_memory=low_memory,
     )

@@ -91,7 +91,9 @@ class PrepackedConv2d(nn.Module):
     that reorder is a large part of the tower's time). Here the reordered copy is made on the first CPU call and kept
     until the weight changes; the result is the same oneDNN convolution. Off CPU, or without oneDNN, it is
     ``F.conv2d``. ``weight`` / ``bias`` stay the original Parameters, so state-dict names do not change; the packed
-    copy costs as much memory again as the convolution weights (E2B vision tower: ~0.6 GB in bf16).
+    copy costs as much memory again as the convolution weights (E2B vision tower: ~0.6 GB in bf16); with
+    ``keep_packed = False`` (:meth:`VisionTower.keep_packed_weights`) every call packs the weight afresh and frees the
+    copy after the convolution: the same kernel and result, no persistent copy.
     """
 
     def __init__(self, conv: nn.Conv2d):
@@ -104,16 +106,23 @@ class PrepackedConv2d(nn.Module):
         self.same_padding = isinstance(conv, Conv2dSame)  # padding computed from the input size, as timm does
         self.padding = [0, 0] if self.same_padding else list(conv.padding)
         self.kernel_size = list(conv.kernel_size)
+        self.keep_packed = True
         self._packed: torch.Tensor | None = None
         self._packed_from: tuple | None = None
 
+    def _reorder(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in oneDNN's blocked layout for inputs shaped like ``x`` (a new tensor)."""
+        with torch.no_grad():
+            return torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape)
+            )
+
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.keep_packed:
+            return self._reorder(x)
         key = (self.weight.data_ptr(), self.weight.dtype, self.weight._version)
         if self._packed is None or self._packed_from != key:
-            with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                    self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape)
-                )
+            self._packed = self._reorder(x)
             self._packed_from = key
         return self._packed
 
@@ -207,6 +216,17 @@ class VisionTower(nn.Module):
         """
         self.timm_model.to(memory_format=torch.channels_last)
         self.channels_last = True
+        return self
+
+    def keep_packed_weights(self, keep: bool = True) -> VisionTower:
+        """Whether the CPU convolutions keep their oneDNN-packed weights between calls (the default). ``keep=False``
+        packs them on every call and frees them after it: same outputs, no persistent copy (~0.6 GB for E2B in
+        bf16), at the cost of the packing on every call."""
+        for module in self.modules():
+            if isinstance(module, PrepackedConv2d):
+                module.keep_packed = keep
+                if not keep:
+                    module._packed = module._packed_from = None
         return self
 
     def enable_compile(self, freezing: bool = True, batch_size: int | None = None) -> VisionTower:
