@@ -67,8 +67,8 @@ class Gemma3n(LoadedModel):
         default: the checkpoint's own dtype), so weights are never held twice. ``text_only`` skips the towers.
         ``ple_device="cpu"`` keeps the per-layer embedding table (2B parameters for E2B) in host memory (pinned when
         the model is on CUDA); each step gathers only the rows of its tokens and copies them to the model's device.
-        ``quantize="int8" | "int4"`` (CPU) makes the text decoder's linear layers and the LM head weight-only int8 /
-        int4, quantized tensor by tensor from the memory-mapped checkpoint; see :mod:`gemma3n.quantize`.
+        ``quantize="int8" | "int4"`` (CPU or CUDA) makes the text decoder's linear layers and the LM head weight-only
+        int8 / int4, quantized tensor by tensor from the memory-mapped checkpoint; see :mod:`gemma3n.quantize`.
         ``matformer`` (a preset name or ``{"ffn_dims": ..., "skip_layers": [...]}``) loads a MatFormer slice of the
         checkpoint, reading only the kept rows and columns; see :mod:`gemma3n.matformer`.
         ``low_memory`` (CPU; default: on with ``quantize``, off otherwise) keeps the vision and audio towers' weights
