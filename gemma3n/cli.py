@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .cli_timings import PhaseTimer
-from .file_items import caption_batch, decode_audio, run_with_fallback, transcribe_batch
+from .file_items import caption_batch, decode_audio, fixed_batch_size, run_with_fallback, transcribe_batch
 from .file_items import one_line as _one_line
 from .file_items import open_image as _open_image
 
@@ -653,18 +653,12 @@ def _ray_failure(err: BaseException, load_error: type[Exception]) -> str:
     return f"the Ray job failed: {named[0] if named else _one_line(err)}"
 
 
-def _compiled_batch(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, int]:
-    """With --compile, every pipeline call runs at --batch-size (a smaller last batch is filled up), so the compiled
-    tower and decode steps keep the one shape they were compiled for; eager calls take each batch as it is."""
-    return {"batch_size": args.batch_size} if settings.get("compile") else {}
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
     settings = _generation_settings(args)
     if args.prompt:
         settings["prompt"] = args.prompt
 
-    run_batch = functools.partial(caption_batch, **settings, **_compiled_batch(args, settings))
+    run_batch = functools.partial(caption_batch, **settings, **fixed_batch_size(settings, args.batch_size))
     decode = lambda _pipe, path: (_open_image(path), 1.0)  # noqa: E731 - looked up at call time (tests patch it)
     return run_file_job(args, CAPTION, decode, run_batch, lambda _path: 1.0, settings)
 
@@ -684,7 +678,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if args.instruction:
         settings["instruction"] = args.instruction
     run_batch = functools.partial(
-        transcribe_batch, timestamps=args.timestamps, **settings, **_compiled_batch(args, settings)
+        transcribe_batch, timestamps=args.timestamps, **settings, **fixed_batch_size(settings, args.batch_size)
     )
     return run_file_job(args, TRANSCRIBE, decode_audio, run_batch, _audio_seconds, settings)
 

@@ -53,6 +53,13 @@ def decode_image(_pipe: Any, source: Any) -> tuple[Any, float]:
     return open_image(source), 1.0
 
 
+def fixed_batch_size(settings: dict[str, Any], batch_size: int) -> dict[str, int]:
+    """``{"batch_size": batch_size}`` when ``settings`` ask for ``compile``, else ``{}``: compiled, every pipeline call
+    runs at ``batch_size`` (the pipeline fills up a smaller last batch), so the compiled towers and decode steps keep
+    the one shape they were compiled for; eager calls take each batch as it is."""
+    return {"batch_size": batch_size} if settings.get("compile") else {}
+
+
 def caption_batch(pipe: Any, images: list[Any], _on_progress: Callable[[float], None], **settings: Any) -> list[dict]:
     """``[{"caption": ...}]``, one per image; ``settings``: the pipeline's (prompt, max_new_tokens, ...; batch_size
     defaults to all the images at once)."""

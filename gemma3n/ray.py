@@ -34,7 +34,16 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .file_items import Decode, RunBatch, caption_batch, decode_audio, decode_image, process, transcribe_batch
+from .file_items import (
+    Decode,
+    RunBatch,
+    caption_batch,
+    decode_audio,
+    decode_image,
+    fixed_batch_size,
+    process,
+    transcribe_batch,
+)
 
 IMAGE_COLUMNS = ("image", "bytes", "path")
 AUDIO_COLUMNS = ("audio", "bytes", "path")
@@ -189,6 +198,7 @@ def caption(
     :func:`gemma3n.load` when given. generate_kwargs: max_new_tokens, do_sample, temperature, ...
     """
     settings = {**generate_kwargs, **({"prompt": prompt} if prompt else {})}
+    settings |= fixed_batch_size(generate_kwargs, batch_size)
     return _map(
         ds,
         "image-to-text",
@@ -229,6 +239,7 @@ def transcribe(
     Arguments as for :func:`caption`; instruction: the request sent with each clip.
     """
     settings = {**generate_kwargs, **({"instruction": instruction} if instruction else {})}
+    settings |= fixed_batch_size(generate_kwargs, batch_size)
     return _map(
         ds,
         "automatic-speech-recognition",

@@ -291,3 +291,19 @@ def test_cli_run_killed_mid_job_resumes_without_loss_or_duplicates(tmp_path, clu
     for row in rows:
         original = "house.png" if Path(row["path"]).name.startswith("house") else "sunset.jpg"
         assert row["caption"] == expected[original]
+
+
+@pytest.mark.parametrize("api", ["caption", "transcribe"])
+def test_compile_runs_every_batch_at_the_batch_size(api, monkeypatch):
+    """With compile=True each actor call asks the pipeline for batch_size rows (a short last batch is filled up), so
+    compiled towers and decode steps never compile again for it; eager calls keep each batch as it is."""
+    calls = []
+
+    def record(_ds, _task, _columns, _decode, run_batch, *_args, **_kwargs):
+        calls.append(run_batch)
+
+    monkeypatch.setattr(gemma3n_ray, "_map", record)
+    getattr(gemma3n_ray, api)(None, model="tiny-random", batch_size=3, compile=True)
+    getattr(gemma3n_ray, api)(None, model="tiny-random", batch_size=3)
+    assert calls[0].keywords["batch_size"] == 3 and calls[0].keywords["compile"] is True
+    assert "batch_size" not in calls[1].keywords
