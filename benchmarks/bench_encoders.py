@@ -113,7 +113,7 @@ def build_pair(part: str, dtype: torch.dtype, compiled: bool, device: str = "cpu
             soft = fmap.reshape(fmap.shape[0], hidden, tokens).permute(0, 2, 1) * hidden**0.5
             return embed(inputs_embeds=soft)
 
-        def ours(pixels, our_tower=our_tower, our_embed=our_embed):
+        def ours(pixels, our_tower, our_embed):
             return our_embed.embed_soft(our_tower(pixels))
 
         def inputs(batch):
@@ -130,7 +130,7 @@ def build_pair(part: str, dtype: torch.dtype, compiled: bool, device: str = "cpu
             out = tower(features, ~valid, return_dict=True)  # transformers' mask: True = padded frame
             return embed(inputs_embeds=out.last_hidden_state)
 
-        def ours(features, valid, our_tower=our_tower, our_embed=our_embed):
+        def ours(features, valid, our_tower, our_embed):
             encodings, _ = our_tower(features, valid)
             return our_embed.embed_soft(encodings)
 
@@ -145,8 +145,8 @@ def build_pair(part: str, dtype: torch.dtype, compiled: bool, device: str = "cpu
                 torch.empty(1, CLIP_FRAMES, section.input_feat_size), torch.zeros(1, CLIP_FRAMES, dtype=torch.bool)
             ),
         )
-    impls = {"transformers": reference, "gemma3n": ours}
-    for name, (variant_tower, variant_embed) in variants.items():
+    impls = {"transformers": reference}
+    for name, (variant_tower, variant_embed) in {"gemma3n": (our_tower, our_embed), **variants}.items():
         impls[name] = functools.partial(ours, our_tower=variant_tower, our_embed=variant_embed)
     return impls, inputs, flops
 

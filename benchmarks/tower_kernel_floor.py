@@ -60,7 +60,7 @@ def run(batch_sizes: list[int], repeats: int, rounds: int) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     dtype = torch.bfloat16
     impls, inputs, flops = build_pair("vision", dtype, compiled=False)
-    our_tower = impls["gemma3n"].__defaults__[0]  # ours(pixels, our_tower=..., our_embed=...) holds it as a default
+    our_tower = impls["gemma3n"].keywords["our_tower"]  # functools.partial(ours, our_tower=..., our_embed=...)
     limits = hardware_limits(dtype)
     rows = []
     for batch in batch_sizes:
