@@ -28,6 +28,7 @@ from torch import nn
 
 from gemma3n.config import AudioConfig, ConfigError
 from gemma3n.encoders.fixed_batch import run_in_fixed_batches
+from gemma3n.encoders.frozen_compile import compile_frozen
 from gemma3n.modules import RMSNorm
 
 # Frequency padding of every sub-sampling convolution: one bin on each side, whatever the kernel (as the reference).
@@ -448,7 +449,7 @@ class AudioEncoder(nn.Module):
         """
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._compiled_encode = torch.compile(self.encode, dynamic=False, options={"freezing": freezing})
+        self._compiled_encode = compile_frozen(self.encode, freezing)
         self.compiled_batch_size = batch_size
         return self
 

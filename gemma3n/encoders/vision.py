@@ -37,6 +37,7 @@ from torch import nn
 
 from gemma3n.config import ConfigError, VisionConfig
 from gemma3n.encoders.fixed_batch import run_in_fixed_batches
+from gemma3n.encoders.frozen_compile import compile_frozen
 
 
 class ChannelsLastRmsNorm2d(nn.Module):
@@ -44,8 +45,8 @@ class ChannelsLastRmsNorm2d(nn.Module):
 
     A channels-last [N, C, H, W] tensor is a contiguous [N, H, W, C] one, so the norm over C is a reduction over the
     last axis: one ``vector_norm`` pass (float32 accumulation, no float32 copy of the activation), then the scale and
-    the weight, and a GELU activation in place on that fresh output. timm's eager formula takes five passes plus, in bf16, float32 round trips (and
-    ``F.rms_norm`` is no fused kernel on CPU). Other layouts take timm's own formula.
+    the weight, and a GELU activation in place on that fresh output. timm's eager formula takes five passes plus, in
+    bf16, float32 round trips (and ``F.rms_norm`` is no fused kernel on CPU). Other layouts take timm's own formula.
     """
 
     def __init__(self, norm: RmsNorm2d):
@@ -259,9 +260,7 @@ class VisionTower(nn.Module):
         """
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._compiled_features = torch.compile(
-            self.timm_model.forward_features, dynamic=False, options={"freezing": freezing}
-        )
+        self._compiled_features = compile_frozen(self.timm_model.forward_features, freezing)
         self.compiled_batch_size = batch_size
         return self
 
