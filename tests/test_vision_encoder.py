@@ -121,6 +121,28 @@ def test_compiled_fp32_matches_reference(ref, pixels, ref_soft_embeddings):
     assert rel_err(eager, ref_soft_embeddings) <= FP32_REL_TOL
 
 
+def test_cpu_batches_run_image_by_image(ref, pixels):
+    tower = load_vision_tower(ref.path)
+    network = tower.timm_model.forward_features
+    batches = []
+
+    def counting(x):
+        batches.append(x.shape[0])
+        return network(x)
+
+    tower.timm_model.forward_features = counting
+    with torch.no_grad():
+        chunked = tower(pixels)
+        assert batches == [1] * pixels.shape[0]
+        tower.cpu_images_per_call = None  # the whole batch in one call
+        whole = tower(pixels)
+    assert batches[-1] == pixels.shape[0]
+    assert rel_err(chunked, whole) <= FP32_REL_TOL  # images do not interact: kernel blocking only
+    assert tower.images_per_call(4) == 4
+    tower.cpu_images_per_call = 1
+    assert tower.images_per_call(4) == 1 and tower.images_per_call(1) == 1
+
+
 def test_timm_norms_and_convs_are_swapped_for_fast_ones(ref):
     tower = load_vision_tower(ref.path)
     kinds = {type(m) for m in tower.modules()}

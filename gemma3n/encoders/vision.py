@@ -26,6 +26,8 @@ needed. The constructor refuses architectures that do register non-persistent bu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -174,6 +176,13 @@ def _speed_up_modules(model: nn.Module) -> None:
                 setattr(parent, name, PrepackedConv2d(child))
 
 
+# E2B shape, bf16, 2 cores, 768x768 images: per image, 4 at a time took 1.40x (eager) and 1.37x (compiled) the time of
+# one at a time (benchmarks/results/encoders_cpu.md; transformers' tower likewise 1.60x). The first stages' activations
+# ([N, 512, 192, 192], 38 MB per image in bf16) then outgrow the caches, and the elementwise passes between the
+# convolutions go to memory. So on CPU a batch is run image by image.
+CPU_IMAGES_PER_CALL = 1
+
+
 class VisionTower(nn.Module):
     """Image pixels [N, 3, H, W] -> scaled soft tokens [N, soft_tokens, hidden_size]."""
 
@@ -199,6 +208,8 @@ class VisionTower(nn.Module):
         self.soft_tokens = soft_tokens
         self.scale = config.hidden_size**0.5  # a Python float: nothing to materialise after a meta build
         self.channels_last = False
+        # On CPU, a batch goes through the network this many images at a time (None: all at once).
+        self.cpu_images_per_call: int | None = CPU_IMAGES_PER_CALL
         self._compiled_features = None  # set by enable_compile()
         self.compiled_batch_size: int | None = None  # compiled calls run this many images at a time (None: any)
         self._check_built_model(config)
@@ -269,6 +280,12 @@ class VisionTower(nn.Module):
         """Whether :meth:`enable_compile` was called."""
         return self._compiled_features is not None
 
+    def images_per_call(self, batch_size: int) -> int:
+        """How many of a ``batch_size`` batch's images one network call takes on this tower's device: the batch size
+        to compile for (see ``cpu_images_per_call``)."""
+        per_call = self.cpu_images_per_call if next(self.timm_model.parameters()).device.type == "cpu" else None
+        return batch_size if per_call is None else min(batch_size, per_call)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must have shape [N, 3, H, W], got {tuple(pixel_values.shape)}")
@@ -277,17 +294,18 @@ class VisionTower(nn.Module):
         nhwc = self.channels_last or x.device.type == "cpu"  # NHWC activations: fused norms, oneDNN's native layout
         if nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
+        per_call = self.cpu_images_per_call if x.device.type == "cpu" else None
         if self._compiled_features is not None and not torch.is_grad_enabled():
             compiled = self._compiled_features
             if self.compiled_batch_size is None:
-                features = compiled(x)  # [N, C, h, w]
+                features = _in_chunks(compiled, x, per_call)  # [N, C, h, w]
             else:  # filled-up chunks are concatenated copies: lay them out as the compiled graph expects
                 layout = torch.channels_last if nhwc else torch.contiguous_format
                 features = run_in_fixed_batches(
                     lambda chunk: compiled(chunk.contiguous(memory_format=layout)), self.compiled_batch_size, x
                 )
         else:
-            features = self.timm_model.forward_features(x)
+            features = _in_chunks(self.timm_model.forward_features, x, per_call)
         n, c, h, w = features.shape
         if c != self.hidden_size or h * w != self.soft_tokens:
             raise ValueError(
@@ -297,3 +315,10 @@ class VisionTower(nn.Module):
         # [N, C, h, w] -> [N, h*w, C]; with channels_last features this is a pure view.
         tokens = features.flatten(2).transpose(1, 2)
         return tokens * self.scale
+
+
+def _in_chunks(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``network(x)`` computed ``size`` images at a time (all at once for None); images do not interact."""
+    if size is None or x.shape[0] <= size:
+        return network(x)
+    return torch.cat([network(chunk) for chunk in x.split(size)])

@@ -2,9 +2,10 @@
 
 The decode steps compile in :func:`gemma3n.generation.compiled_decode_step`; this covers the vision tower and the audio
 encoder (``enable_compile``: inductor with frozen weights). Each tower is compiled for one batch size (the pipeline's,
-or the CLI's ``--batch-size``) the first time a compiled batch needs it, so a smaller last batch is filled up rather
-than compiled again; a tower that is already compiled is left as it is. Compilation is the tower's state: once on, it
-stays on for later calls of the model (``compile=False`` then only keeps the decode steps eager).
+or the CLI's ``--batch-size``; on CPU the vision tower's is 1, as it runs image by image) the first time a compiled
+batch needs it, so a smaller last batch is filled up rather than compiled again; a tower that is already compiled is
+left as it is. Compilation is the tower's state: once on, it stays on for later calls of the model (``compile=False``
+then only keeps the decode steps eager).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def compile_tower(model: Any, name: str, batch_size: int) -> bool:
     tower = getattr(model, name, None)
     if tower is None or not hasattr(tower, "enable_compile") or tower.compile_enabled:
         return False
+    if hasattr(tower, "images_per_call"):  # the vision tower on CPU runs a batch image by image
+        batch_size = tower.images_per_call(batch_size)
     tower.enable_compile(batch_size=batch_size)
     return True
 
