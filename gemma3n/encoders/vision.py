@@ -176,10 +176,10 @@ def _speed_up_modules(model: nn.Module) -> None:
                 setattr(parent, name, PrepackedConv2d(child))
 
 
-# E2B shape, bf16, 2 cores, 768x768 images: per image, 4 at a time took 1.40x (eager) and 1.37x (compiled) the time of
-# one at a time (benchmarks/results/encoders_cpu.md; transformers' tower likewise 1.60x). The first stages' activations
-# ([N, 512, 192, 192], 38 MB per image in bf16) then outgrow the caches, and the elementwise passes between the
-# convolutions go to memory. So on CPU a batch is run image by image.
+# E2B shape, bf16, 2 cores, 768x768 images, eager, one process, the two modes alternating: a batch of 4 run image by
+# image took 5-10% less time than one call (benchmarks/vision_images_per_call.py: medians 2183 vs 2424 ms per image,
+# and 3252 vs 3450 in an earlier run). At batch 4 the first stages' activations ([4, 512, 192, 192], 151 MB in bf16)
+# outgrow the caches between the convolutions. So on CPU a batch is run image by image.
 CPU_IMAGES_PER_CALL = 1
 
 
