@@ -100,6 +100,9 @@ def test_run_in_fixed_batches_fills_and_drops():
     assert calls == [3, 3, 3]  # 3 + 3 + 1 filled up to 3
     assert torch.equal(out, x * 2) and torch.equal(kept, mask)
     assert torch.equal(run_in_fixed_batches(lambda t: t + 1, 4, x[:2]), x[:2] + 1)  # one filled chunk, a tensor out
+    calls.clear()
+    out, kept = run_in_fixed_batches(rowwise, 3, x, mask, fill=False)  # any-batch functions: the last chunk as it is
+    assert calls == [3, 3, 1] and torch.equal(out, x * 2) and torch.equal(kept, mask)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         run_in_fixed_batches(rowwise, 0, x, mask)
 

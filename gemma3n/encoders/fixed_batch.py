@@ -22,12 +22,16 @@ def _fill(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def run_in_fixed_batches(
-    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], batch_size: int, *inputs: torch.Tensor
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    batch_size: int,
+    *inputs: torch.Tensor,
+    fill: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``fn(*inputs)`` computed in calls of exactly ``batch_size`` rows each (all inputs share their first axis).
 
     ``fn`` returns a tensor or a tuple of tensors whose first axis is the batch; the result has the same structure
-    with ``inputs[0].shape[0]`` rows.
+    with ``inputs[0].shape[0]`` rows. ``fill=False`` runs a short last chunk as it is (chunks of at most
+    ``batch_size`` rows: for functions that take any batch, e.g. eager ones).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -37,7 +41,7 @@ def run_in_fixed_batches(
     pieces: list[torch.Tensor | tuple[torch.Tensor, ...]] = []
     for start in range(0, total, batch_size):
         rows = min(batch_size, total - start)
-        out = fn(*(_fill(x[start : start + rows], batch_size) for x in inputs))
+        out = fn(*(_fill(x[start : start + rows], batch_size if fill else rows) for x in inputs))
         pieces.append(out[:rows] if isinstance(out, torch.Tensor) else tuple(o[:rows] for o in out))
     if isinstance(pieces[0], torch.Tensor):
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

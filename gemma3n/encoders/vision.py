@@ -26,8 +26,6 @@ needed. The constructor refuses architectures that do register non-persistent bu
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import timm
 import torch
 import torch.nn.functional as F
@@ -294,18 +292,15 @@ class VisionTower(nn.Module):
         nhwc = self.channels_last or x.device.type == "cpu"  # NHWC activations: fused norms, oneDNN's native layout
         if nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
-        per_call = self.cpu_images_per_call if x.device.type == "cpu" else None
+        network, size, fill = self.timm_model.forward_features, self.images_per_call(x.shape[0]), False
         if self._compiled_features is not None and not torch.is_grad_enabled():
-            compiled = self._compiled_features
-            if self.compiled_batch_size is None:
-                features = _in_chunks(compiled, x, per_call)  # [N, C, h, w]
-            else:  # filled-up chunks are concatenated copies: lay them out as the compiled graph expects
+            compiled = network = self._compiled_features
+            if self.compiled_batch_size is not None:
+                # filled-up chunks are concatenated copies: lay them out as the compiled graph expects
                 layout = torch.channels_last if nhwc else torch.contiguous_format
-                features = run_in_fixed_batches(
-                    lambda chunk: compiled(chunk.contiguous(memory_format=layout)), self.compiled_batch_size, x
-                )
-        else:
-            features = _in_chunks(self.timm_model.forward_features, x, per_call)
+                network = lambda chunk: compiled(chunk.contiguous(memory_format=layout))  # noqa: E731
+                size, fill = self.compiled_batch_size, True
+        features = run_in_fixed_batches(network, size, x, fill=fill)  # [N, C, h, w]
         n, c, h, w = features.shape
         if c != self.hidden_size or h * w != self.soft_tokens:
             raise ValueError(
@@ -315,10 +310,3 @@ class VisionTower(nn.Module):
         # [N, C, h, w] -> [N, h*w, C]; with channels_last features this is a pure view.
         tokens = features.flatten(2).transpose(1, 2)
         return tokens * self.scale
-
-
-def _in_chunks(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int | None) -> torch.Tensor:
-    """``network(x)`` computed ``size`` images at a time (all at once for None); images do not interact."""
-    if size is None or x.shape[0] <= size:
-        return network(x)
-    return torch.cat([network(chunk) for chunk in x.split(size)])
