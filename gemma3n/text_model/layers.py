@@ -77,8 +77,9 @@ class AltUp(nn.Module):
     def predict(self, streams: torch.Tensor) -> torch.Tensor:
         B, T = streams.shape[1:3]
         coefs = self.prediction_coefs(self.route(streams[self.active])).view(B, T, self.n, self.n)
-        # prediction_j = stream_j + sum_k coefs[j, k] * stream_k
-        mixed = torch.matmul(streams.permute(1, 2, 3, 0), coefs.transpose(-1, -2)).permute(3, 0, 1, 2)
+        # prediction_j = stream_j + sum_k coefs[j, k] * stream_k; the product comes out [B, T, H, n]: back to
+        # contiguous [n, B, T, H] before the add, or the sum (and every later op on the streams) walks stride n
+        mixed = torch.matmul(streams.permute(1, 2, 3, 0), coefs.transpose(-1, -2)).permute(3, 0, 1, 2).contiguous()
         return (mixed + streams).type_as(streams)
 
     def correct(self, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
@@ -128,9 +129,10 @@ class DecoderLayer(nn.Module):
         corrected = self.altup.correct(predictions, h)
 
         # gate the per-layer embedding with the corrected active stream, add it to the other streams
-        first = corrected[self.active]
+        first = corrected[self.active].clone()  # a copy: the streams are updated in place below
         if self.correct_scale:
             first = self.altup.scale_output(first)
         gated = gelu_tanh(self.per_layer_input_gate(first)) * per_layer_input
         update = self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return torch.cat([corrected[:1], corrected[1:] + update], dim=0)
+        corrected[1:] += update  # in place (corrected is this layer's own tensor): no copy of all n streams
+        return corrected
