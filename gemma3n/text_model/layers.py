@@ -12,8 +12,9 @@ from ..config import TextConfig
 from ..modules import RMSNorm, in_dtype
 from .gemma3n_attention import Gemma3nAttention
 from .kv_cache import AttentionContext
-from .linear import Linear
+from .linear import FEW_ROWS, Linear
 from .mlp import MLP, gelu_tanh
+from .sparse_decode import sparse_gated_down
 
 
 class SparseMLP(MLP):
@@ -28,6 +29,9 @@ class SparseMLP(MLP):
             p = torch.tensor(sparsity, dtype=torch.float32, device="cpu")
             self.z = (torch.erfinv(2 * p - 1) * math.sqrt(2)).item()
 
+        # transposed copy of down_proj.weight [intermediate, hidden] for sparse decode steps (see enable_sparse_decode)
+        self.down_weight_t: torch.Tensor | None = None
+
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
         if self.sparsity > 0:
@@ -35,6 +39,28 @@ class SparseMLP(MLP):
             cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * z
             gate = F.relu(gate - cutoff)
         return gate
+
+    def enable_sparse_decode(self, enable: bool = True) -> bool:
+        """Decode steps on a CPU (up to ``FEW_ROWS`` rows) read only the active channels' up and down weights
+        (:mod:`gemma3n.text_model.sparse_decode`); costs a transposed copy of ``down_proj.weight``. Returns whether
+        it is on: only for a sparse layer with plain float weights (not quantized) on the CPU."""
+        usable = (
+            self.sparsity > 0
+            and all(type(m) is Linear for m in (self.up_proj, self.down_proj))
+            and all(
+                m.weight.device.type == "cpu" and m.weight.is_floating_point() for m in (self.up_proj, self.down_proj)
+            )
+        )
+        self.down_weight_t = self.down_proj.weight.detach().t().contiguous() if enable and usable else None
+        return self.down_weight_t is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.down_weight_t is None or x.device.type != "cpu" or x.numel() > FEW_ROWS * x.shape[-1]:
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1])  # [N, H]
+        activation = F.gelu(self.gate(rows), approximate=self.approximate)  # [N, I], exact zeros where off
+        down = sparse_gated_down(activation, rows, self.up_proj.weight, self.down_proj.weight, self.down_weight_t)
+        return down.view(x.shape)
 
 
 class Laurel(nn.Module):

@@ -27,16 +27,21 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor, *, contiguous: b
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through :func:`weight_major_product` for few bf16 rows on a CPU."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and bias is None
+        and x.numel() <= FEW_ROWS * x.shape[-1]
+    ):
+        return weight_major_product(x, weight)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and names) taking :func:`weight_major_product` for few bf16 rows on a CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dtype == torch.bfloat16
-            and self.weight.dtype == torch.bfloat16
-            and self.bias is None
-            and x.numel() <= FEW_ROWS * x.shape[-1]
-        ):
-            return weight_major_product(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+        return linear_product(x, self.weight, self.bias)

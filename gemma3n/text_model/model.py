@@ -45,6 +45,11 @@ class TextModel(nn.Module):
         # optional separate LM head (e.g. a quantized copy of the tied table, see gemma3n.quantize); None: tied weight
         self.lm_head: nn.Module | None = None
 
+    def enable_sparse_decode(self, enable: bool = True) -> int:
+        """CPU decode steps skip the inactive channels of the sparse MLP layers (see
+        :meth:`SparseMLP.enable_sparse_decode`); returns how many layers take that path."""
+        return sum(layer.mlp.enable_sparse_decode(enable) for layer in self.layers)
+
     # ---- inputs -------------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden) (the scale rounded to the weight dtype). [B, T] -> [B, T, H]"""
