@@ -99,6 +99,22 @@ def test_prefill_path_dequantizes_block_by_block(mode, monkeypatch):
     assert rel_err(whole, x.double() @ layer.dequantized().double().T) <= FP32_TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prefill_dequantizes_into_one_reused_buffer(mode, dtype):
+    """The prefill path writes each weight block into one per-thread buffer (no fresh allocation per call) and gives
+    the same values, bit for bit, as a matmul on the freshly dequantized weight."""
+    w = _weight(200, 64)
+    layer = Int8Linear.from_weight(w, dtype=dtype) if mode == "int8" else Int4Linear.from_weight(w, 32, dtype=dtype)
+    x = torch.randn(quant.DEQUANTIZE_FROM_ROWS, 64, dtype=dtype)
+    first = layer(x)
+    buffer = quant._scratch.buffers[(dtype, x.device)]
+    assert torch.equal(layer(x), first) and quant._scratch.buffers[(dtype, x.device)] is buffer
+    assert torch.equal(first, torch.nn.functional.linear(x, layer.dequantized(dtype)))
+    out = torch.full((256, 64), float("nan"), dtype=dtype)
+    assert torch.equal(layer.dequantized(dtype, 64, 200, out=out), layer.dequantized(dtype)[64:])
+
+
 def test_int4_rejects_a_width_not_divisible_by_the_group():
     with pytest.raises(ValueError, match="group_size=64"):
         Int4Linear.from_weight(torch.randn(16, 96), group_size=64)
