@@ -208,23 +208,30 @@ class Int4Linear(nn.Module):
         stop: int | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The weight ``(q - 8) * scale + zero``, output rows ``start:stop`` (``start`` a multiple of 64) [rows, in]
-        (computed in the first rows of ``out`` when given: it needs room for whole blocks of 64 rows)."""
+        """The weight ``(q - 8) * scale + zero``, output rows ``start:stop`` (``start`` a multiple of 64) [rows, in].
+
+        Computed transposed ([in, rows], returned as a [rows, in] view), in the first elements of ``out`` when given
+        (room for whole blocks of 64 rows): that is the packing's own order, 32 rows' nibbles per input, and the
+        order of the scales [groups, rows], so every pass runs over contiguous memory."""
         stop = self.out_features if stop is None else min(stop, self.out_features)
         end = -(-stop // 64) * 64  # whole packed blocks
-        groups = self.in_features // self.group_size
+        n, in_f = end - start, self.in_features
         if out is None:
-            out = torch.empty(end - start, self.in_features, dtype=dtype, device=self.packed.device)
-        # unpack straight into the float rows: block b's byte (k, j) holds rows j (low nibble) and j + 32 (high)
-        blocks = self.packed[start:end].view((end - start) // 64, self.in_features, 32)  # [blocks, in, 32]
-        rows = out[: end - start].view(-1, 2, 32, self.in_features)  # [blocks, half, 32, in]
-        nibbles = _scratch_rows(torch.uint8, blocks.device, blocks.shape[0], blocks[0].numel()).view_as(blocks)
-        rows[:, 0].copy_(torch.bitwise_and(blocks, 15, out=nibbles).transpose(1, 2))
-        rows[:, 1].copy_(torch.bitwise_right_shift(blocks, 4, out=nibbles).transpose(1, 2))
-        q = out[: end - start].view(end - start, groups, self.group_size)
-        scale, zero = self.scales_and_zeros[:, start:end].to(dtype).transpose(0, 1).unbind(-1)  # [rows, groups]
-        q.sub_(8).mul_(scale[..., None]).add_(zero[..., None])
-        return out[: stop - start]
+            out = torch.empty(n, in_f, dtype=dtype, device=self.packed.device)
+        blocks = self.packed[start:end].view(n // 64, in_f, 32)  # block b's byte (k, j): rows j (low), j + 32 (high)
+        scratch = _scratch_rows(torch.uint8, blocks.device, 3, n * in_f // 2)
+        nibbles = scratch[0].view_as(blocks)
+        q_t = scratch[1:].view(in_f, n // 64, 2, 32)  # q^T [in, blocks, half, 32], uint8
+        q_t[:, :, 0].copy_(torch.bitwise_and(blocks, 15, out=nibbles).transpose(0, 1))
+        q_t[:, :, 1].copy_(torch.bitwise_right_shift(blocks, 4, out=nibbles).transpose(0, 1))
+        q_t = q_t.sub_(8).view(torch.int8)  # q - 8 in -8..7 (wrapping in uint8, read back as int8)
+        weight_t = out.view(-1)[: n * in_f].view(in_f // self.group_size, self.group_size, n)  # [groups, size, rows]
+        weight_t.copy_(q_t.view_as(weight_t))  # exact in any float dtype
+        scale, zero = (
+            t.contiguous() for t in self.scales_and_zeros[:, start:end].to(dtype).unbind(-1)
+        )  # [groups, rows]
+        weight_t.mul_(scale[:, None]).add_(zero[:, None])
+        return weight_t.view(in_f, n)[:, : stop - start].T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [n, in]
