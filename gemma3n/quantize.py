@@ -78,7 +78,8 @@ def _scratch_rows(dtype: torch.dtype, device: torch.device, rows: int, cols: int
     key = (dtype, device)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < rows * cols:
-        buffer = buffers[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: usable in place inside and outside inference mode
+            buffer = buffers[key] = torch.empty(rows * cols, dtype=dtype, device=device)
     return buffer[: rows * cols].view(rows, cols)
 
 

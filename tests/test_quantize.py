@@ -107,7 +107,11 @@ def test_prefill_dequantizes_into_one_reused_buffer(mode, dtype):
     w = _weight(200, 64)
     layer = Int8Linear.from_weight(w, dtype=dtype) if mode == "int8" else Int4Linear.from_weight(w, 32, dtype=dtype)
     x = torch.randn(quant.DEQUANTIZE_FROM_ROWS, 64, dtype=dtype)
+    quant._scratch.buffers = {}
+    with torch.inference_mode():  # a buffer made during generation must also serve calls outside inference mode
+        in_inference = layer(x)
     first = layer(x)
+    assert torch.equal(first, in_inference)
     buffer = quant._scratch.buffers[(dtype, x.device)]
     assert torch.equal(layer(x), first) and quant._scratch.buffers[(dtype, x.device)] is buffer
     assert torch.equal(first, torch.nn.functional.linear(x, layer.dequantized(dtype)))
