@@ -80,6 +80,14 @@ def weight_bytes_per_token(model) -> int:
     return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in skip)
 
 
+def reference_weight_bytes_per_token(model) -> int:
+    """The same count for transformers' model: its text decoder without the per-layer table (the token table counts
+    once, as the tied LM head)."""
+    lm = model.model.language_model
+    kept = [p for name, p in lm.named_parameters() if "embed_tokens_per_layer" not in name]
+    return sum(p.numel() * p.element_size() for p in kept)
+
+
 def run_child(args) -> dict:
     torch.set_num_threads(args.threads)
     impl = args.child
@@ -120,6 +128,7 @@ def run_child(args) -> dict:
         from transformers import AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+        result["weight_bytes_per_token"] = reference_weight_bytes_per_token(model)
 
         def generate(ids, new, streamer=None):
             with torch.inference_mode():
