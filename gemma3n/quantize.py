@@ -58,11 +58,26 @@ def _pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
     return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(n, in_f // 2)
 
 
+def _unpack_int4_transposed(
+    packed: torch.Tensor, out: torch.Tensor | None = None, nibbles: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Inverse of :func:`_pack_int4_rows`, transposed: [n, in / 2] uint8 -> values 0..15 [in, n] uint8.
+
+    Transposed is the packing's own order (32 rows' nibbles per input), so both passes copy runs of 32 bytes.
+    ``out`` (n * in bytes) and ``nibbles`` (n * in / 2 bytes) are optional buffers to write into."""
+    n, half = packed.shape
+    blocks = packed.view(n // 64, 2 * half, 32)  # [n / 64, in, 32]: byte (k, j) holds rows j (low) and j + 32 (high)
+    q_t = torch.empty(2 * half, n, dtype=torch.uint8, device=packed.device) if out is None else out
+    q_t = q_t.view(2 * half, n // 64, 2, 32)  # [in, n / 64, half, 32]
+    nibbles = torch.empty_like(blocks) if nibbles is None else nibbles.view_as(blocks)
+    q_t[:, :, 0].copy_(torch.bitwise_and(blocks, 15, out=nibbles).transpose(0, 1))
+    q_t[:, :, 1].copy_(torch.bitwise_right_shift(blocks, 4, out=nibbles).transpose(0, 1))
+    return q_t.view(2 * half, n)
+
+
 def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_int4_rows`: [n, in / 2] uint8 -> values 0..15 [n, in] uint8."""
-    n, half = packed.shape
-    blocks = packed.view(n // 64, 2 * half, 32)  # [n / 64, in, 32]
-    return torch.stack([blocks & 15, blocks >> 4], dim=1).transpose(2, 3).reshape(n, 2 * half)
+    return _unpack_int4_transposed(packed).t().contiguous()
 
 
 _scratch = threading.local()  # per thread: {(dtype, device): float buffer} for prefill dequantization
@@ -217,15 +232,14 @@ class Int4Linear(nn.Module):
         stop = self.out_features if stop is None else min(stop, self.out_features)
         end = -(-stop // 64) * 64  # whole packed blocks
         n, in_f = end - start, self.in_features
-        if out is None:
-            out = torch.empty(n, in_f, dtype=dtype, device=self.packed.device)
-        blocks = self.packed[start:end].view(n // 64, in_f, 32)  # block b's byte (k, j): rows j (low), j + 32 (high)
-        scratch = _scratch_rows(torch.uint8, blocks.device, 3, n * in_f // 2)
-        nibbles = scratch[0].view_as(blocks)
-        q_t = scratch[1:].view(in_f, n // 64, 2, 32)  # q^T [in, blocks, half, 32], uint8
-        q_t[:, :, 0].copy_(torch.bitwise_and(blocks, 15, out=nibbles).transpose(0, 1))
-        q_t[:, :, 1].copy_(torch.bitwise_right_shift(blocks, 4, out=nibbles).transpose(0, 1))
-        q_t = q_t.sub_(8).view(torch.int8)  # q - 8 in -8..7 (wrapping in uint8, read back as int8)
+        packed = self.packed[start:end]
+        if out is None:  # a one-off call: no work space kept
+            out = torch.empty(n, in_f, dtype=dtype, device=packed.device)
+            q_t = _unpack_int4_transposed(packed)
+        else:  # the prefill path: the uint8 work space is reused too
+            scratch = _scratch_rows(torch.uint8, packed.device, 3, n * in_f // 2)
+            q_t = _unpack_int4_transposed(packed, out=scratch[1:], nibbles=scratch[0])
+        q_t = q_t.sub_(8).view(torch.int8)  # q^T - 8 [in, n] in -8..7 (wrapping in uint8, read back as int8)
         weight_t = out.view(-1)[: n * in_f].view(in_f // self.group_size, self.group_size, n)  # [groups, size, rows]
         weight_t.copy_(q_t.view_as(weight_t))  # exact in any float dtype
         scale, zero = (
