@@ -25,7 +25,8 @@ def _sparse_activation(rows: int, width: int, seed: int) -> torch.Tensor:
 
 def test_sparse_product_never_reads_inactive_channels():
     """Rows of up_proj and down_proj^T for channels no row uses are poisoned with NaN: the result stays finite and
-    equals the dense product on clean weights (fp32, summation order only: 1e-6 relative)."""
+    equals the dense product on clean weights within 1e-5 relative (fp32; only the order of the ~35 non-zero terms of
+    each output differs, which any kernel keeps within a few float32 roundings of the terms' magnitude)."""
     hidden, width = 32, 256
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, hidden, generator=gen)
@@ -41,7 +42,7 @@ def test_sparse_product_never_reads_inactive_channels():
     poisoned_down_t[~active] = float("nan")
     sparse = sparse_gated_down(activation, x, poisoned_up, down, poisoned_down_t)
     assert torch.isfinite(sparse).all()
-    assert rel_err(sparse, dense) <= 1e-6
+    assert rel_err(sparse, dense) <= 1e-5
 
 
 def test_mostly_active_batch_takes_the_dense_product():
