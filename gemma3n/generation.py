@@ -205,6 +205,14 @@ def compiled_decode_step(model: Any) -> Callable[..., torch.Tensor]:
     return step
 
 
+def enable_compiled_prefill(model: Any) -> int:
+    """Turn on the compiled prefill of a Gemma 3n text model (the layers' element-wise work through
+    ``torch.compile``, see :meth:`gemma3n.text_model.TextModel.enable_compiled_prefill`); it stays on for the model,
+    like the compiled towers. Other models are left as they are. Returns how many layers take that path."""
+    enable = getattr(getattr(model, "language_model", None), "enable_compiled_prefill", None)
+    return enable(True) if enable is not None else 0
+
+
 class StopStringMatcher:
     """Finds stop strings in each row's decoded continuation."""
 
@@ -275,9 +283,10 @@ def generate(
     ends when all rows finished or ``max_new_tokens`` were produced. ``streamer`` is a callable taking text pieces
     (batch 1), or an object with ``put(token_ids)`` / ``end()`` like transformers' streamers (``put`` gets the prompt
     [B, T] first, then each step's tokens [B]). ``compile=True`` runs the decode steps through
-    :func:`compiled_decode_step` (same tokens; pays off over many steps with recurring shapes). On CUDA the decode
-    steps are replayed from CUDA graphs (:mod:`gemma3n.cuda_graphs`; same tokens as eager steps) unless
-    ``cuda_graphs=False`` or ``compile=True``.
+    :func:`compiled_decode_step` (same tokens; pays off over many steps with recurring shapes) and, for Gemma 3n on
+    the CPU, turns on :func:`enable_compiled_prefill` (fused prefill; bf16 differs from eager in the last bits).
+    On CUDA the decode steps are replayed from CUDA graphs (:mod:`gemma3n.cuda_graphs`; same tokens as eager steps)
+    unless ``cuda_graphs=False`` or ``compile=True``.
     ``token_type_ids`` (from the processor) is accepted so that ``generate(**inputs)`` works, and ignored: the
     placeholder ids already mark where images and audio go, as in the reference.
     """
@@ -388,6 +397,7 @@ def _generate_iter(
     cache_length, step_fn = cache_length_for(model, T, config.max_new_tokens, compile), decode_step
     if compile:
         step_fn = compiled_decode_step(model)
+        enable_compiled_prefill(model)
     cache = KVCache(model.config.text, B, cache_length, dtype=model.dtype, device=device)
     if cuda_graphs is None:
         cuda_graphs = not compile and cuda_graphs_supported(model)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 from torch import nn
 
@@ -40,15 +43,29 @@ def checkpoint_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
     return nn.Embedding.from_pretrained(torch.empty(num_embeddings, dim), freeze=False)
 
 
-_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
+def _packed(fmt: str, value: float) -> float:
+    """``value`` through a struct float format (rounding to nearest even); beyond its range, infinity."""
+    try:
+        return struct.unpack(fmt, struct.pack(fmt, value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def in_dtype(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype`` (the reference keeps such constants as tensors of the weight dtype).
 
-    Memoised in a plain dict, so after the first (eager) call it is a lookup that torch.compile can trace.
+    Plain Python (round to nearest even through float32, as ``torch.tensor(value).to(dtype)`` does), so that
+    torch.compile folds it into a constant instead of breaking the graph at a tensor's ``.item()``.
     """
-    key = (value, dtype)
-    if key not in _ROUNDED:
-        _ROUNDED[key] = torch.tensor(value, dtype=torch.float32, device="cpu").to(dtype).item()
-    return _ROUNDED[key]
+    if dtype == torch.float64:
+        return float(value)
+    as_float32 = _packed("<f", value)
+    if dtype == torch.float32:
+        return as_float32
+    if dtype == torch.float16:
+        return _packed("<e", as_float32)
+    if dtype == torch.bfloat16 and math.isfinite(as_float32):  # top 16 bits of the float32, to nearest even
+        bits = struct.unpack("<I", struct.pack("<f", as_float32))[0]
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
+    return torch.tensor(value, dtype=torch.float32).to(dtype).item()

@@ -270,7 +270,8 @@ def test_per_layer_table_placement_keeps_logits(tiny_lm):
 
 
 def test_compiled_decoding_gives_the_same_tokens_and_logits(tmp_path):
-    """generate(compile=True): decode steps through torch.compile (inductor), on a cache rounded up to 256 slots.
+    """generate(compile=True): decode steps through torch.compile (inductor), on a cache rounded up to 256 slots,
+    after a compiled prefill (tests/test_compiled_prefill.py).
 
     Same greedy tokens as eager decoding on a left-padded batch; the compiled step's logits agree with the eager
     step's to 1e-5 relative (fused kernels may sum in another order)."""
@@ -285,6 +286,7 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits(tmp_path):
     eager = ours.generate(ids, attention_mask=mask, **settings)
     compiled = ours.generate(ids, attention_mask=mask, compile=True, **settings)
     assert torch.equal(compiled, eager), f"\neager    {eager[:, 9:]}\ncompiled {compiled[:, 9:]}"
+    assert all(layer.compiled_prefill for layer in ours.language_model.layers)  # compile=True fuses the prefill too
 
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     caches = [KVCache(ours.config.text, 2, 256, dtype=torch.float32, device="cpu") for _ in range(2)]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +139,7 @@ class DecoderLayer(nn.Module):
         self.per_layer_input_gate = Linear(hidden, config.hidden_size_per_layer_input, bias=False)
         self.per_layer_projection = Linear(config.hidden_size_per_layer_input, hidden, bias=False)
         self.post_per_layer_input_norm = RMSNorm(hidden, eps=eps)
+        self.compiled_prefill = False  # see enable_compiled_prefill
 
     def forward(
         self,
@@ -145,12 +150,32 @@ class DecoderLayer(nn.Module):
         shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """streams [n, B, T, H], per_layer_input [B, T, P] -> streams [n, B, T, H]."""
+        before, after = DecoderLayer.before_attention, DecoderLayer.after_attention
+        if self.compiled_prefill and streams[0].numel() > FEW_ROWS * streams.shape[-1] and not _compiling():
+            before, after = compiled_blocks()
+            per_layer_input = per_layer_input.contiguous()  # a slice at offset layer * P: one build for all layers
+        predictions, active, normed, laurel = before(self, streams)
+        attn = self.self_attn(normed, rope, ctx, shared_kv)
+        return after(self, predictions, active, laurel, attn, per_layer_input)
+
+    def before_attention(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """AltUp prediction, the normed active stream (attention's input) and LAuReL's branch, each [B, T, H]
+        (predictions [n, B, T, H])."""
         predictions = self.altup.predict(streams)
         active = predictions[self.active]
         normed = self.input_layernorm(active)
-        laurel = self.laurel(normed)
-        attn = self.post_attention_layernorm(self.self_attn(normed, rope, ctx, shared_kv))
-        h = (active + attn + laurel) / math.sqrt(2)
+        return predictions, active, normed, self.laurel(normed)
+
+    def after_attention(
+        self,
+        predictions: torch.Tensor,
+        active: torch.Tensor,
+        laurel: torch.Tensor,
+        attn: torch.Tensor,
+        per_layer_input: torch.Tensor,
+    ) -> torch.Tensor:
+        """Residuals, MLP, AltUp correction and the per-layer-embedding update -> streams [n, B, T, H]."""
+        h = (active + self.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         corrected = self.altup.correct(predictions, h)
 
@@ -161,4 +186,50 @@ class DecoderLayer(nn.Module):
         gated = gelu_tanh(self.per_layer_input_gate(first)) * per_layer_input
         update = self.post_per_layer_input_norm(self.per_layer_projection(gated))
         corrected[1:] += update  # in place (corrected is this layer's own tensor): no copy of all n streams
-        return corrected
+        return corrected.contiguous()  # eager: already; compiled: inductor may pick [B, T, n, H] order otherwise
+
+    def enable_compiled_prefill(self, enable: bool = True) -> bool:
+        """Run the work around attention through :func:`compiled_blocks` for prefill-sized inputs (more than
+        ``FEW_ROWS`` tokens); returns whether it is on: only for float weights on the CPU (quantized prefill
+        dequantizes into per-thread buffers, which torch.compile does not trace; the GPU path is not measured yet)."""
+        tensors = list(itertools.chain(self.parameters(), self.buffers()))
+        usable = all(t.is_floating_point() and t.device.type == "cpu" for t in tensors)
+        self.compiled_prefill = enable and usable
+        return self.compiled_prefill
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@functools.cache
+def compiled_blocks() -> tuple[Callable[..., tuple[torch.Tensor, ...]], Callable[..., torch.Tensor]]:
+    """:meth:`DecoderLayer.before_attention` and :meth:`DecoderLayer.after_attention` through ``torch.compile``.
+
+    Prefill spends more time in the element-wise work of a layer (the norms in float32, AltUp's stream mixing, the
+    sparse gate's statistics, GELU) than in its matrix products; inductor fuses it into a few passes over memory.
+    Dynamic shapes: one build serves every batch size and length, and every layer (their weights are inputs), with a
+    second variant for the dense MLP layers. The first call builds (about 40 s at E2B on 2 cores; inductor keeps the
+    result on disk for later processes). Intermediates stay in float32 where eager rounds each op to bf16, so
+    bf16 results differ from eager in the last bits, no further from a float32 computation than eager is.
+    """
+    return tuple(
+        _static_floats(torch.compile(f, dynamic=True))
+        for f in (DecoderLayer.before_attention, DecoderLayer.after_attention)
+    )
+
+
+def _static_floats(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """Calls ``compiled`` with float attributes (norm eps, the sparsity quantile) traced as constants (with dynamic
+    shapes torch.compile would make them symbolic, and constants rounded to the weight dtype need their value) and
+    weight shapes traced as symbols (layers of different MLP widths share a build). Each dtype, and each sparsity of
+    the MLP (E2B: 0.95 or none), is a build of its own; the recompile limit leaves room for a few of them."""
+    import torch._dynamo  # loaded by torch.compile already; imported here, not at startup
+
+    @functools.wraps(compiled)
+    def call(*args: Any) -> Any:
+        settings = dict(specialize_float=True, force_parameter_static_shapes=False, recompile_limit=32)
+        with torch._dynamo.config.patch(**settings):
+            return compiled(*args)
+
+    return call

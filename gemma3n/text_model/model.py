@@ -50,6 +50,12 @@ class TextModel(nn.Module):
         :meth:`SparseMLP.enable_sparse_decode`); returns how many layers take that path."""
         return sum(layer.mlp.enable_sparse_decode(enable) for layer in self.layers)
 
+    def enable_compiled_prefill(self, enable: bool = True) -> int:
+        """Prefill runs each layer's element-wise work through ``torch.compile`` (see
+        :meth:`DecoderLayer.enable_compiled_prefill`; ``generate(compile=True)`` turns it on); returns how many layers
+        take that path."""
+        return sum(layer.enable_compiled_prefill(enable) for layer in self.layers)
+
     # ---- inputs -------------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden) (the scale rounded to the weight dtype). [B, T] -> [B, T, H]"""
