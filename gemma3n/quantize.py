@@ -22,6 +22,7 @@ never resident as a whole: peak memory stays near the size of the quantized weig
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 import threading
@@ -113,8 +114,87 @@ def _dequantized_linear(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+def _int8_rows(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    dtype: torch.dtype,
+    start: int = 0,
+    stop: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:meth:`Int8Linear.dequantized` of the weight ``qweight`` [out, in] int8 with ``scales`` [out]."""
+    q, scales = qweight[start:stop], scales[start:stop]
+    if out is None or scales.dtype != dtype:
+        weight = (q.float() * scales.float()[:, None]).to(dtype)
+        return weight if out is None else out[: weight.shape[0]].copy_(weight)
+    # int8 values are exact in any float dtype, and q * scale rounds once, as the float32 product above does
+    return out[: q.shape[0]].copy_(q).mul_(scales[:, None])
+
+
+def _int4_rows(
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    group_size: int,
+    out_features: int,
+    dtype: torch.dtype,
+    start: int = 0,
+    stop: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:meth:`Int4Linear.dequantized` of the weight in torch's CPU int4 packing (``packed`` [ceil64(out), in / 2],
+    ``scales_and_zeros`` [in / group, ceil64(out), 2])."""
+    stop = out_features if stop is None else min(stop, out_features)
+    end = -(-stop // 64) * 64  # whole packed blocks
+    n, in_f = end - start, scales_and_zeros.shape[0] * group_size
+    rows = packed[start:end]
+    if out is None:  # a one-off call: no work space kept
+        out = torch.empty(n, in_f, dtype=dtype, device=rows.device)
+        q_t = _unpack_int4_transposed(rows)
+    else:  # the prefill path: the uint8 work space is reused too
+        scratch = _scratch_rows(torch.uint8, rows.device, 3, n * in_f // 2)
+        q_t = _unpack_int4_transposed(rows, out=scratch[1:], nibbles=scratch[0])
+    q_t = q_t.sub_(8).view(torch.int8)  # q^T - 8 [in, n] in -8..7 (wrapping in uint8, read back as int8)
+    weight_t = out.view(-1)[: n * in_f].view(in_f // group_size, group_size, n)  # [groups, size, rows]
+    weight_t.copy_(q_t.view_as(weight_t))  # exact in any float dtype
+    scale, zero = (t.contiguous() for t in scales_and_zeros[:, start:end].to(dtype).unbind(-1))  # [groups, rows]
+    weight_t.mul_(scale[:, None]).add_(zero[:, None])
+    return weight_t.view(in_f, n)[:, : stop - start].T
+
+
+# Prefill products of quantized weights are custom ops: torch.compile (the compiled prefill, see
+# gemma3n.text_model.layers.compiled_blocks) calls them as opaque kernels instead of tracing the block-wise
+# dequantization into reused per-thread buffers.
+@torch.library.custom_op("gemma3n::int8_prefill_linear", mutates_args=())
+def int8_prefill_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (qweight * scales)^T`` [.., out] through :func:`_dequantized_linear` (many rows, CPU)."""
+    out_features, in_features = qweight.shape
+    rows = functools.partial(_int8_rows, qweight, scales)
+    return _dequantized_linear(x, rows, out_features, in_features)
+
+
+@int8_prefill_linear.register_fake
+def _(x, qweight, scales):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("gemma3n::int4_prefill_linear", mutates_args=())
+def int4_prefill_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int
+) -> torch.Tensor:
+    """``x @ W^T`` [.., out] for the int4 weight of :class:`Int4Linear`, through :func:`_dequantized_linear`."""
+    rows = functools.partial(_int4_rows, packed, scales_and_zeros, group_size, out_features)
+    return _dequantized_linear(x, rows, out_features, scales_and_zeros.shape[0] * group_size)
+
+
+@int4_prefill_linear.register_fake
+def _(x, packed, scales_and_zeros, group_size, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale)^T`` with ``q`` int8 [out, in] and one ``scale`` per output channel [out]."""
+
+    prefill_is_custom_op = True  # many-row CPU products: int8_prefill_linear (torch.compile does not trace inside)
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
@@ -149,12 +229,7 @@ class Int8Linear(nn.Module):
     ) -> torch.Tensor:
         """The weight the kernel effectively multiplies by, output rows ``start:stop`` [rows, in] (written into the
         first rows of ``out`` when given)."""
-        q, scales = self.qweight[start:stop], self.scales[start:stop]
-        if out is None or scales.dtype != dtype:
-            weight = (q.float() * scales.float()[:, None]).to(dtype)
-            return weight if out is None else out[: weight.shape[0]].copy_(weight)
-        # int8 values are exact in any float dtype, and q * scale rounds once, as the float32 product above does
-        return out[: q.shape[0]].copy_(q).mul_(scales[:, None])
+        return _int8_rows(self.qweight, self.scales, dtype, start, stop, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
@@ -162,7 +237,7 @@ class Int8Linear(nn.Module):
             return F.linear(x, self.qweight.to(x.dtype)) * scales
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
-            return _dequantized_linear(x, self.dequantized, self.out_features, self.in_features)
+            return int8_prefill_linear(x, self.qweight, self.scales)
         out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)  # [n, out]
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -173,6 +248,8 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Group-wise int4 weight in torch's CPU packing: two 4-bit values per byte [out, in / 2], plus
     ``scales_and_zeros`` [in / group_size, out, 2] in the activation dtype."""
+
+    prefill_is_custom_op = True  # many-row CPU products: int4_prefill_linear (torch.compile does not trace inside)
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int):
         super().__init__()
@@ -229,29 +306,13 @@ class Int4Linear(nn.Module):
         Computed transposed ([in, rows], returned as a [rows, in] view), in the first elements of ``out`` when given
         (room for whole blocks of 64 rows): that is the packing's own order, 32 rows' nibbles per input, and the
         order of the scales [groups, rows], so every pass runs over contiguous memory."""
-        stop = self.out_features if stop is None else min(stop, self.out_features)
-        end = -(-stop // 64) * 64  # whole packed blocks
-        n, in_f = end - start, self.in_features
-        packed = self.packed[start:end]
-        if out is None:  # a one-off call: no work space kept
-            out = torch.empty(n, in_f, dtype=dtype, device=packed.device)
-            q_t = _unpack_int4_transposed(packed)
-        else:  # the prefill path: the uint8 work space is reused too
-            scratch = _scratch_rows(torch.uint8, packed.device, 3, n * in_f // 2)
-            q_t = _unpack_int4_transposed(packed, out=scratch[1:], nibbles=scratch[0])
-        q_t = q_t.sub_(8).view(torch.int8)  # q^T - 8 [in, n] in -8..7 (wrapping in uint8, read back as int8)
-        weight_t = out.view(-1)[: n * in_f].view(in_f // self.group_size, self.group_size, n)  # [groups, size, rows]
-        weight_t.copy_(q_t.view_as(weight_t))  # exact in any float dtype
-        scale, zero = (
-            t.contiguous() for t in self.scales_and_zeros[:, start:end].to(dtype).unbind(-1)
-        )  # [groups, rows]
-        weight_t.mul_(scale[:, None]).add_(zero[:, None])
-        return weight_t.view(in_f, n)[:, : stop - start].T
+        weight = (self.packed, self.scales_and_zeros, self.group_size, self.out_features)
+        return _int4_rows(*weight, dtype, start, stop, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
-            return _dequantized_linear(x, self.dequantized, self.out_features, self.in_features)
+            return int4_prefill_linear(x, self.packed, self.scales_and_zeros, self.group_size, self.out_features)
         sz = self.scales_and_zeros
         sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
         out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, self.group_size, sz)  # [n, out64]

@@ -1,6 +1,7 @@
 """``compile=True`` in the pipelines: compile the encoder towers a batch uses, at one fixed batch size.
 
-The decode steps compile in :func:`gemma3n.generation.compiled_decode_step`; this covers the vision tower and the audio
+The decode steps compile in :func:`gemma3n.generation.compiled_decode_step` (and the prefill's per-layer work in
+:func:`gemma3n.generation.enable_compiled_prefill`); this covers the vision tower and the audio
 encoder (``enable_compile``: inductor with frozen weights). Each tower is compiled for one batch size (the pipeline's,
 or the CLI's ``--batch-size``; on CPU the vision tower's is 1, as it runs image by image) the first time a compiled
 batch needs it, so a smaller last batch is filled up rather than compiled again; a tower that is already compiled is

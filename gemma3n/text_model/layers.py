@@ -190,12 +190,17 @@ class DecoderLayer(nn.Module):
 
     def enable_compiled_prefill(self, enable: bool = True) -> bool:
         """Run the work around attention through :func:`compiled_blocks` for prefill-sized inputs (more than
-        ``FEW_ROWS`` tokens); returns whether it is on: only for float weights on the CPU (quantized prefill
-        dequantizes into per-thread buffers, which torch.compile does not trace; the GPU path is not measured yet)."""
-        tensors = list(itertools.chain(self.parameters(), self.buffers()))
-        usable = all(t.is_floating_point() and t.device.type == "cpu" for t in tensors)
-        self.compiled_prefill = enable and usable
+        ``FEW_ROWS`` tokens); returns whether it is on: only on the CPU (the GPU path is not measured yet), for float
+        weights or quantized linear layers whose prefill product is a custom op (torch.compile calls it as is)."""
+        self.compiled_prefill = enable and all(_compile_friendly(m) for m in self.modules())
         return self.compiled_prefill
+
+
+def _compile_friendly(module: nn.Module) -> bool:
+    """Whether the compiled prefill can trace ``module``'s own computation (see enable_compiled_prefill)."""
+    own = list(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
+    on_cpu = all(t.device.type == "cpu" for t in own)
+    return on_cpu and (getattr(module, "prefill_is_custom_op", False) or all(t.is_floating_point() for t in own))
 
 
 def _compiling() -> bool:
