@@ -171,7 +171,8 @@ def test_quantized_model_is_the_float_model_with_dequantized_weights(tiny_checkp
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_generate_with_quantize_matches_teacher_forcing_and_compile(tiny_checkpoint, mode):
     """Greedy decoding of a left-padded batch with a quantized model picks, at every step that is not a near-tie, the
-    argmax of one full forward pass over the generated sequence; the compiled decode step gives the same tokens."""
+    argmax of one full forward pass over the generated sequence; the compiled decode step and prefill give the same
+    tokens."""
     model = gemma3n.load(tiny_checkpoint, dtype=torch.float32, quantize=mode)
     ids, mask = _left_padded_batch()
     settings = dict(max_new_tokens=8, do_sample=False, eos_token_id=[-1], pad_token_id=0)
@@ -187,6 +188,8 @@ def test_generate_with_quantize_matches_teacher_forcing_and_compile(tiny_checkpo
     if mode == "int4":  # one compiled run (inductor on the int4 kernel's op; the int8 op is traced the same way)
         compiled = model.generate(ids, attention_mask=mask, compile=True, **settings)
         assert torch.equal(compiled, eager)
+        # the prefill ran compiled too, around the quantized layers' prefill product (a custom op)
+        assert all(layer.compiled_prefill for layer in model.language_model.layers)
 
 
 def test_quantize_arguments_are_checked(tiny_checkpoint):
