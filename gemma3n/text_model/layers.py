@@ -151,7 +151,8 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """streams [n, B, T, H], per_layer_input [B, T, P] -> streams [n, B, T, H]."""
         before, after = DecoderLayer.before_attention, DecoderLayer.after_attention
-        if self.compiled_prefill and streams[0].numel() > FEW_ROWS * streams.shape[-1] and not _compiling():
+        prefill_sized = streams[0].numel() > FEW_ROWS * streams.shape[-1]  # more than FEW_ROWS tokens
+        if self.compiled_prefill and prefill_sized and not torch.compiler.is_compiling():
             before, after = compiled_blocks()
             per_layer_input = per_layer_input.contiguous()  # a slice at offset layer * P: one build for all layers
         predictions, active, normed, laurel = before(self, streams)
@@ -201,10 +202,6 @@ def _compile_friendly(module: nn.Module) -> bool:
     own = list(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
     on_cpu = all(t.device.type == "cpu" for t in own)
     return on_cpu and (getattr(module, "prefill_is_custom_op", False) or all(t.is_floating_point() for t in own))
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 @functools.cache
