@@ -6,7 +6,12 @@ import math
 import struct
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# 2u for tanh GELU's u = sqrt(2 / pi) * (x + 0.044715 x^3), as x * (LINEAR + CUBIC * x^2)
+_GELU_2U_LINEAR = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_2U_CUBIC = _GELU_2U_LINEAR * 0.044715
 
 
 class RMSNorm(nn.Module):
@@ -69,3 +74,18 @@ def in_dtype(value: float, dtype: torch.dtype) -> float:
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
     return torch.tensor(value, dtype=torch.float32).to(dtype).item()
+
+
+def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``F.gelu(x, approximate=approximate)``; inside a ``torch.compile`` graph the tanh form is written as
+    ``x * sigmoid(2u)``, which equals ``0.5 * x * (1 + tanh(u))``.
+
+    Inductor's CPU code evaluates ``tanh`` with SLEEF about twice as slowly as the ``exp`` of a sigmoid: on a fused
+    norm + GELU pass over a [192, 192, 512] bf16 activation, 45-52 ms against 22-28 ms. Both forms are within
+    1.5e-7 relative of a float64 GELU in float32; bf16 inputs are computed in float32 and rounded once, as
+    ``F.gelu`` does. Eager calls keep ``F.gelu`` (one kernel, bit for bit the reference's).
+    """
+    if approximate != "tanh" or not torch.compiler.is_compiling():
+        return F.gelu(x, approximate=approximate)
+    x32 = x.float()
+    return (x32 * torch.sigmoid(x32 * (_GELU_2U_LINEAR + _GELU_2U_CUBIC * x32 * x32))).to(x.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import rel_err, save_reference_lm, text_config
 
 import gemma3n
@@ -132,3 +133,36 @@ def test_constants_round_like_torch_and_trace_without_graph_breaks():
     scaled = torch.compile(lambda x: x * in_dtype(0.123456789, x.dtype), fullgraph=True)
     x = torch.randn(8, dtype=torch.bfloat16)
     assert torch.equal(scaled(x), x * 0.12353515625)  # 0.123456789 in bf16
+
+
+def test_compiled_tanh_gelu_is_the_same_function():
+    """``modules.gelu``: eager calls are ``F.gelu`` itself; compiled graphs use ``x * sigmoid(2u)``, the same function
+    as ``0.5 * x * (1 + tanh(u))``. Checked against that function in float64 and against ``F.gelu`` in bf16."""
+    import math
+
+    from gemma3n.modules import gelu
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=gen) * 4, torch.linspace(-200, 200, 4001), torch.tensor([0.0, -0.0])])
+    assert torch.equal(gelu(x), F.gelu(x, approximate="tanh"))
+    compiled = torch.compile(gelu, fullgraph=True, dynamic=False)
+    got = compiled(x)
+    assert not got.isnan().any()
+    # float64 reference in the sigmoid form: 0.5 * (1 + tanh(u)) cancels in the negative tail even in float64
+    xd = x.double()
+    two_u = xd * (2 * math.sqrt(2 / math.pi)) * (1 + 0.044715 * xd * xd)
+    want = xd * torch.sigmoid(two_u)
+    # float32 bound: 2u carries ~2|2u| eps of rounding, which exp turns into that relative error; exp, the sigmoid's
+    # add and divide and the final product add about 1 ulp each. Where exp(-2u) passes float32's maximum (x < -10)
+    # the sigmoid is 0, so values of |x| / 3.4e38 (< 1e-36 for |x| <= 200) may come out as 0.
+    eps = torch.finfo(torch.float32).eps
+    bound = (2 * two_u.abs() + 6) * eps * want.abs() + 1e-36
+    assert ((got.double() - want).abs() <= bound).all(), ((got.double() - want).abs() / bound).max()
+    # bf16: float32 inside and one rounding at the end, as F.gelu does, so at most one bf16 step from F.gelu where
+    # F.gelu's own float32 tanh form is accurate (x > -3; below, it cancels to 0 while the sigmoid form does not)
+    xb = x.bfloat16()
+    got_b, ref_b = compiled(xb).float(), F.gelu(xb, approximate="tanh").float()
+    usable = xb.float() > -3
+    step = torch.finfo(torch.bfloat16).eps * ref_b.abs()
+    assert ((got_b - ref_b).abs() <= step)[usable].all()
+    assert (got_b == ref_b)[usable].float().mean() > 0.99  # rounding boundaries only

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..modules import RMSNorm, in_dtype
+from ..modules import RMSNorm, gelu, in_dtype
 from .gemma3n_attention import Gemma3nAttention
 from .kv_cache import AttentionContext
 from .linear import FEW_ROWS, Linear
-from .mlp import MLP, gelu_tanh
+from .mlp import MLP
 from .sparse_decode import sparse_gated_down
 
 
@@ -184,7 +184,7 @@ class DecoderLayer(nn.Module):
         first = corrected[self.active].clone()  # a copy: the streams are updated in place below
         if self.correct_scale:
             first = self.altup.scale_output(first)
-        gated = gelu_tanh(self.per_layer_input_gate(first)) * per_layer_input
+        gated = gelu(self.per_layer_input_gate(first)) * per_layer_input
         update = self.post_per_layer_input_norm(self.per_layer_projection(gated))
         corrected[1:] += update  # in place (corrected is this layer's own tensor): no copy of all n streams
         return corrected.contiguous()  # eager: already; compiled: inductor may pick [B, T, n, H] order otherwise

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..modules import gelu
 from .linear import Linear
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
 class MLP(nn.Module):
@@ -28,4 +24,4 @@ class MLP(nn.Module):
         return self.gate_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate(x), approximate=self.approximate) * self.up_proj(x))
+        return self.down_proj(gelu(self.gate(x), self.approximate) * self.up_proj(x))
