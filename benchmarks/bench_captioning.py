@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from child_env import child_env, thp_setting
+
 LOCK = "/tmp/gemma3n-heavy.lock"
 SIZES = [(640, 480), (480, 640), (1024, 768), (300, 300), (800, 600), (768, 768), (1280, 720), (512, 384)]
 PROMPT = "Write a one-sentence caption for this image."
@@ -130,6 +132,7 @@ def run_child(impl: str, model: str, count: int, batch: int, new_tokens: int, dt
     tower_s, preprocess_s = watch.seconds.get("tower", 0.0), watch.seconds.get("preprocess", 0.0)
     return {
         "impl": impl,
+        "thp": thp_setting(),
         "batch": batch,
         "load_s": load_s,
         "warmup_s": warmup_s,
@@ -214,6 +217,10 @@ def table(runs: list[dict], args: argparse.Namespace, command: str) -> tuple[str
         "for the whole timed set; 'LM prefill+decode' is the rest of the time (language model, sampling, "
         "postprocessing)."
     )
+    thp = {r["impl"]: r.get("thp", "?") for r in runs}
+    intro += " torch's huge-page setting (THP_MEM_ALLOC_ENABLE) per child: "
+    intro += ", ".join(f"{impl} {value}" for impl, value in thp.items())
+    intro += " (gemma3n sets it on import; transformers runs with torch's default unless the user set it)."
     return intro + "\n\n" + "\n".join(lines) + "\n", {"best_images_per_minute": best, "ratio_to_transformers": ratios}
 
 
@@ -249,9 +256,8 @@ def main() -> None:
             for impl in impls:
                 with open(args.lock, "w") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)
-                    done = subprocess.run(
-                        child_command(args, impl, batch), check=True, stdout=subprocess.PIPE, text=True, env=os.environ
-                    )
+                    command_line, env = child_command(args, impl, batch), child_env(impl)
+                    done = subprocess.run(command_line, check=True, stdout=subprocess.PIPE, text=True, env=env)
                 runs.append({"round": round_index, **json.loads(done.stdout.strip().splitlines()[-1])})
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
                 # after every child: a cut-short run still leaves its numbers

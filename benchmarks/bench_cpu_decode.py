@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from child_env import USER_THP, child_env, thp_setting
 from kernel_ceilings import LAYERS
 
 HERE = Path(__file__).resolve().parent
@@ -93,7 +94,7 @@ def run_child(args) -> dict:
     impl = args.child
     library, precision = impl.split("-")[0], impl.split("-")[1]
     mode = impl.split("-")[2] if impl.count("-") >= 2 else None
-    result: dict = {"impl": impl, "threads": torch.get_num_threads()}
+    result: dict = {"impl": impl, "threads": torch.get_num_threads(), "thp": thp_setting()}
     vocab = 262_144
     gen = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(3, vocab, (1, n), generator=gen) for n in sorted({128, 512, args.prompt_tokens})}
@@ -210,7 +211,7 @@ def spawn(args, impl: str) -> dict:
     cmd += ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
     cmd += ["--prompt-tokens", str(args.prompt_tokens)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(impl))
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -314,7 +315,12 @@ def markdown(results: dict) -> str:
         f"prompt; copy bandwidth {copy['median']:.1f} GB/s ({copy['min']:.1f}-{copy['max']:.1f}; bytes read + written)"
         f"; load average "
         f"{results['load_average_start']} at start, {results['load_average_end']} at end. Medians over rounds, "
-        "(range) in brackets.",
+        "(range) in brackets. torch's huge-page setting (THP_MEM_ALLOC_ENABLE): "
+        + (
+            f"{USER_THP} for every child (set by the user)."
+            if USER_THP is not None
+            else "1 for gemma3n's children (gemma3n sets it on import), torch's default (unset) for transformers'."
+        ),
         "",
         "| implementation | decode b1 tok/s | limit tok/s | weight GB/s | fraction of copy limit | vs transformers | "
         "decode b4 tok/s (x b1) | prefill 128 tok/s | prefill 512 tok/s | TTFT 128 s | peak RSS GB |",

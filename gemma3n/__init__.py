@@ -13,7 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .huge_pages import prefer_huge_pages
+
 __version__ = "0.1.0"
+
+prefer_huge_pages()  # before torch is imported: torch reads it once
 
 # public name -> the module that defines it
 _LAZY = {
