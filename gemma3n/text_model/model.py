@@ -14,6 +14,7 @@ from .heads import lm_head_logits
 from .kv_cache import AttentionContext, KVCache
 from .layers import DecoderLayer
 from .linear import Linear
+from .mapped_rows import gather_rows
 
 
 def match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,9 @@ class TextModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden) (the scale rounded to the weight dtype). [B, T] -> [B, T, H]"""
         weight = self.embed_tokens.weight
-        return self.embed_tokens(input_ids.to(weight.device)) * in_dtype(self.config.embed_scale, weight.dtype)
+        # the tied LM head (no separate lm_head) reads the whole table every step: keep it mapped then
+        rows = gather_rows(self.embed_tokens, input_ids.to(weight.device), release=self.lm_head is not None)
+        return rows * in_dtype(self.config.embed_scale, weight.dtype)
 
     def per_layer_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Ids for the per-layer table: tokens outside its vocabulary (image/audio tokens) read row 0."""
@@ -73,7 +76,7 @@ class TextModel(nn.Module):
         L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
         dtype = inputs_embeds.dtype
         table = self.embed_tokens_per_layer.weight  # may live off the compute device (PLE offload)
-        rows = self.embed_tokens_per_layer(ple_ids.to(table.device)) * in_dtype(math.sqrt(P), table.dtype)
+        rows = gather_rows(self.embed_tokens_per_layer, ple_ids.to(table.device)) * in_dtype(math.sqrt(P), table.dtype)
         rows = rows.to(inputs_embeds.device, non_blocking=True).view(*ple_ids.shape, L, P)
         projected = self.per_layer_model_projection(inputs_embeds) * in_dtype(cfg.hidden_size**-0.5, dtype)
         projected = self.per_layer_projection_norm(projected.view(*inputs_embeds.shape[:-1], L, P))
