@@ -778,9 +778,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="compile the decode step, the prefill's per-layer work and the vision / audio tower with torch.compile, "
-        "for --batch-size (a smaller "
-        "last batch is filled up): minutes once (cached on disk for later runs), then faster decoding and towers on "
-        "CPU; pays off for long batch jobs (default: eager)",
+        "for --batch-size (a smaller last batch is filled up): minutes once (cached on disk for later runs), then "
+        "faster decoding and towers on CPU; pays off for long batch jobs (default: eager)",
     )
 
 

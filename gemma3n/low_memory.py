@@ -2,7 +2,7 @@
 
 The checkpoint is memory-mapped (:mod:`gemma3n.checkpoint`), so a tower weight is resident only while its pages are
 mapped in. :func:`stream_tower_weights` hooks a tower's blocks: after each block's forward, the pages of that block's
-weights are released (``madvise(MADV_DONTNEED)`` through :func:`gemma3n.quantize.release_mapped_pages`) and the next
+weights are released (``madvise(MADV_DONTNEED)`` through :func:`gemma3n.mapped_pages.release_mapped_pages`) and the next
 call reads them again, from the page cache when the file is still there (from disk otherwise). So a tower costs about
 one block of weights plus its activations at a time instead of all its weights for the rest of the process (E2B, bf16:
 vision 0.6 GB, audio 1.37 GB). The computation is unchanged: the same weights go through the same kernels.
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .quantize import _file_mappings, release_mapped_pages
+from .mapped_pages import file_mappings, release_mapped_pages
 
 
 def sequential_blocks(module: nn.Module) -> Iterator[nn.Module]:
@@ -43,7 +43,7 @@ class _MappedWeights:
 
     def read(self, module: nn.Module, args: object) -> None:
         if not torch.compiler.is_compiling():
-            self.mappings = _file_mappings()
+            self.mappings = file_mappings()
 
     def forget(self, module: nn.Module, args: object, output: object) -> None:
         self.release(module)
@@ -53,7 +53,7 @@ class _MappedWeights:
         """Drop the mapped pages of every parameter and buffer of ``module`` (a no-op while compiling)."""
         if torch.compiler.is_compiling():
             return
-        mappings = self.mappings if self.mappings is not None else _file_mappings()
+        mappings = self.mappings if self.mappings is not None else file_mappings()
         for tensor in [*module.parameters(), *module.buffers()]:
             # a tensor written in place (version > 0) holds private copies of its pages: releasing would undo the write
             if tensor.device.type == "cpu" and tensor._version == 0:

@@ -21,10 +21,7 @@ never resident as a whole: peak memory stays near the size of the quantized weig
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import mmap
-import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -34,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from .mapped_pages import file_mappings, release_mapped_pages
 
 QUANTIZE_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP_SIZE = 64
@@ -402,42 +401,6 @@ def is_quantizable(linear: nn.Linear, mode: str, group_size: int = DEFAULT_INT4_
     return True
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's file-backed memory mappings (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # inode and a path: a file
-            begin, end = (int(a, 16) for a in fields[0].split("-"))
-            ranges.append((begin, end))
-    return ranges
-
-
-def release_mapped_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]] | None = None) -> bool:
-    """Drop a memory-mapped checkpoint tensor's pages from this process's resident memory; True if done.
-
-    Only a tensor lying inside a file mapping is touched (``mappings``, default: read now): its unmodified pages are
-    re-read from the file on the next access, so the data stays valid. Anonymous memory is never released.
-    """
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return False
-    page = mmap.PAGESIZE
-    begin = tensor.data_ptr()
-    end = begin + tensor.numel() * tensor.element_size()
-    if not any(lo <= begin and end <= hi for lo, hi in (_file_mappings() if mappings is None else mappings)):
-        return False
-    first, last = -(-begin // page) * page, end // page * page  # whole pages inside the tensor only
-    if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(mmap.MADV_DONTNEED))
-    return True
-
-
 def quantize_checkpoint(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -485,7 +448,7 @@ def quantize_checkpoint(
     }
     if lm_head and "lm_head" not in jobs and f"{prefix}embed_tokens.weight" in remaining:
         jobs["lm_head"] = remaining[f"{prefix}embed_tokens.weight"]  # the tied table stays for the row gathers
-    mappings = _file_mappings()
+    mappings = file_mappings()
 
     def run(name: str) -> tuple[str, nn.Module]:
         quantized = quantize_weight(jobs[name], mode, dtype=dtype, group_size=group_size)

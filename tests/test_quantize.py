@@ -24,7 +24,8 @@ from torch import nn
 
 import gemma3n
 from gemma3n import quantize as quant
-from gemma3n.quantize import Int4Linear, Int8Linear, release_mapped_pages
+from gemma3n.mapped_pages import release_mapped_pages
+from gemma3n.quantize import Int4Linear, Int8Linear
 
 FP32_TOL = 1e-5
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-9}

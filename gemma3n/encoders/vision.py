@@ -70,16 +70,18 @@ class ChannelsLastRmsNorm2d(nn.Module):
             if self.weight is not None:
                 out.mul_(self.weight)
             out = self.drop(out.permute(0, 3, 1, 2))  # [N, C, H, W], channels-last
-            if self.gelu_approximation is not None and not (torch.is_grad_enabled() and out.requires_grad):
-                if torch.compiler.is_compiling():
-                    return gelu(out, self.gelu_approximation)  # the compiled tower's faster tanh-GELU formula
-                # the GELU in place on the norm's own output: no second activation-sized buffer to allocate
-                return torch.ops.aten.gelu_(out, approximate=self.gelu_approximation)
+        else:
+            out = self.drop(rms_norm2d(x, [channels], self.weight, self.eps))
+        return self._activate(out)
+
+    def _activate(self, out: torch.Tensor) -> torch.Tensor:
+        """The activation on the norm's own (fresh) output."""
+        if self.gelu_approximation is None or (torch.is_grad_enabled() and out.requires_grad):
             return self.act(out)
-        out = self.drop(rms_norm2d(x, [channels], self.weight, self.eps))
-        if self.gelu_approximation is not None and torch.compiler.is_compiling():
-            return gelu(out, self.gelu_approximation)
-        return self.act(out)
+        if torch.compiler.is_compiling():
+            return gelu(out, self.gelu_approximation)  # the compiled tower's faster tanh-GELU formula
+        # the GELU in place: no second activation-sized buffer to allocate
+        return torch.ops.aten.gelu_(out, approximate=self.gelu_approximation)
 
 
 def _gelu_approximation(act: nn.Module) -> str | None:

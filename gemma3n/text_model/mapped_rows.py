@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..quantize import release_mapped_pages
+from ..mapped_pages import in_file_mapping, release_mapped_pages
 
 GATHER_CHUNK = 64  # rows per gather between releases: at most this many folios of a table mapped at once
 # A page-cache folio is at most 2 MB (PMD order) and lies around the row it was faulted in for: dropping this much on
@@ -63,14 +63,6 @@ def _file_mapped(table: nn.Embedding) -> bool:
     cached = table.__dict__.get("_file_mapped_check")
     if cached is not None and cached[0]() is weight:
         return cached[1]
-    mapped = weight.device.type == "cpu" and _in_file_mapping(weight)
+    mapped = in_file_mapping(weight)
     table.__dict__["_file_mapped_check"] = (weakref.ref(weight), mapped)
     return mapped
-
-
-def _in_file_mapping(weight: torch.Tensor) -> bool:
-    from ..quantize import _file_mappings
-
-    begin = weight.data_ptr()
-    end = begin + weight.numel() * weight.element_size()
-    return any(lo <= begin and end <= hi for lo, hi in _file_mappings())
