@@ -1,5 +1,6 @@
 """Startup of the ``gemma3n`` command: help and usage errors import no heavy module; ``--timings`` tells where a cold
-caption's time goes; a command that owns its process keeps the garbage collector off the imported objects."""
+caption's time goes; a command that owns its process keeps the garbage collector off the imported objects and ends
+the process without the interpreter's teardown."""
 
 from __future__ import annotations
 
@@ -76,15 +77,18 @@ def test_cold_caption_timings_and_frozen_imports(tmp_path, tiny_cache):
     out = tmp_path / "captions.jsonl"
     argv = ["gemma3n", "caption", str(IMAGE), "--model", "tiny-random", "--output", str(out), "--timings"]
     code = (
-        "import gc, sys\n"
+        "import atexit, gc, sys\n"
         "from gemma3n import cli\n"
         f"sys.argv = {argv!r}\n"
-        "status = cli.main()\n"
-        "print(status, gc.get_freeze_count() > 0, gc.isenabled())\n"
+        "atexit.register(lambda: print('atexit', gc.get_freeze_count() > 0, gc.isenabled()))\n"
+        "cli.main()\n"
+        "print('main returned')\n"
     )
-    result = _python(code, tmp_path, GEMMA3N_CACHE=str(tiny_cache))
+    result = _python(code, tmp_path, GEMMA3N_CACHE=str(tiny_cache), PYTHONUNBUFFERED="")  # stdout block-buffered
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["0", "True", "True"]  # frozen after the load, and collecting again
+    # the command ends the process it owns (no interpreter teardown), after the atexit handlers and with stdout
+    # flushed; the objects of the imports and the load were frozen, and collection is on again
+    assert result.stdout.split() == ["atexit", "True", "True"]
     (row,) = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert row["path"] == str(IMAGE) and row["caption"]
 
@@ -110,3 +114,18 @@ def test_in_process_command_leaves_the_heap_alone(tmp_path, tiny_cache, monkeypa
     argv = ["caption", str(IMAGE), "--model", "tiny-random", "--output", str(tmp_path / "o.jsonl"), "--timings"]
     assert cli.main(argv) == 0
     assert gc.get_freeze_count() == frozen and gc.isenabled()
+
+
+def test_owned_process_exit_keeps_piped_output_and_status(tmp_path, tiny_cache):
+    """The fast exit (no interpreter teardown) still flushes rows written to a pipe and exits with the command's
+    status: 1 when a file failed."""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    argv = ["gemma3n", "caption", str(IMAGE), str(bad), "--model", "tiny-random", "--max-new-tokens", "4"]
+    code = f"import sys\nfrom gemma3n import cli\nsys.argv = {argv!r}\ncli.main()\nprint('main returned')\n"
+    result = _python(code, tmp_path, GEMMA3N_CACHE=str(tiny_cache), PYTHONUNBUFFERED="")  # stdout block-buffered
+    assert result.returncode == 1, result.stderr
+    rows = {row["path"]: row for row in map(json.loads, result.stdout.splitlines())}
+    assert sorted(rows) == sorted([str(IMAGE), str(bad)])
+    assert rows[str(IMAGE)]["caption"] and "error" in rows[str(bad)]
+    assert "1 done, 0 skipped (already in the output), 1 failed" in result.stderr

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from timm.layers import RmsNorm2d, RmsNormAct2d
+from timm.layers import MultiQueryAttention2d, RmsNorm2d, RmsNormAct2d
 from timm.layers.activations import GELUTanh
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
@@ -23,6 +23,7 @@ from vision_helpers import (
 
 from gemma3n.config import ConfigError, Gemma3nConfig, VisionConfig
 from gemma3n.encoders.vision import ChannelsLastRmsNorm2d, PrepackedConv2d, VisionTower
+from gemma3n.encoders.vision_attention import FoldedMultiQueryAttention2d
 
 FP32_REL_TOL = 1e-5
 
@@ -143,11 +144,12 @@ def test_cpu_batches_run_image_by_image(ref, pixels):
     assert tower.images_per_call(4) == 1 and tower.images_per_call(1) == 1
 
 
-def test_timm_norms_and_convs_are_swapped_for_fast_ones(ref):
+def test_timm_norms_convs_and_attention_are_swapped_for_fast_ones(ref):
     tower = load_vision_tower(ref.path)
     kinds = {type(m) for m in tower.modules()}
     assert RmsNorm2d not in kinds and RmsNormAct2d not in kinds and nn.Conv2d not in kinds and Conv2dSame not in kinds
-    assert ChannelsLastRmsNorm2d in kinds and PrepackedConv2d in kinds
+    assert MultiQueryAttention2d not in kinds
+    assert ChannelsLastRmsNorm2d in kinds and PrepackedConv2d in kinds and FoldedMultiQueryAttention2d in kinds
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

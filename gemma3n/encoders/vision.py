@@ -13,7 +13,9 @@ CPU speed (bit-for-bit the same weights and state-dict names; outputs within flo
     eager mode) runs in three, reducing over the contiguous channel axis when the activation is channels-last;
   * on CPU every convolution runs through oneDNN with its weight reordered once into oneDNN's blocked layout
     (``torch.ops.mkldnn``, the kernels torch.compile's CPU backend uses) instead of once per call;
-  * CPU inputs are fed channels-last, so the activations stay NHWC through the network.
+  * CPU inputs are fed channels-last, so the activations stay NHWC through the network;
+  * the multi-query attention blocks run all query heads as one attention over NHWC views
+    (``gemma3n/encoders/vision_attention.py``).
 
 MobileNet v5 ends in a multi-scale fusion adapter that resamples its output to a fixed
 ``msfa_output_resolution`` grid (16x16 = 256 tokens for the published models), so the token count does
@@ -38,6 +40,7 @@ from torch import nn
 from gemma3n.config import ConfigError, VisionConfig
 from gemma3n.encoders.fixed_batch import run_in_fixed_batches
 from gemma3n.encoders.frozen_compile import compile_frozen
+from gemma3n.encoders.vision_attention import fold_multi_query_attention
 from gemma3n.modules import gelu
 
 
@@ -170,7 +173,9 @@ class PrepackedConv2d(nn.Module):
 
 
 def _speed_up_modules(model: nn.Module) -> None:
-    """Swap timm's RMS norms and convolutions for the faster equivalents above (same parameters)."""
+    """Swap timm's RMS norms and convolutions for the faster equivalents above and fold its multi-query attention
+    (same parameters and state-dict names)."""
+    fold_multi_query_attention(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in (RmsNorm2d, RmsNormAct2d):
