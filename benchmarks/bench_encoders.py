@@ -11,6 +11,11 @@ sharing one set of weights, alternate call by call over ``--rounds`` rounds afte
 reported: for the compiled variant it is the one-time compilation); the figures are medians with their ranges, per
 image (768x768) or per 30 s clip (3000 log-mel frames).
 
+All implementations of a child share its allocator setting, so the child runs with gemma3n's default, torch's
+transparent huge pages for large buffers (``THP_MEM_ALLOC_ENABLE=1``, see gemma3n/huge_pages.py), unless the
+environment sets the variable. transformers' own default is without them, and huge pages speed up its towers too, so
+the comparison is conservative for gemma3n. The table records the setting.
+
 The same child measures what the hardware allows: a large matmul in the tower's dtype (GFLOP/s) and a 1 GiB copy
 (GB/s); each tower figure is given as achieved GFLOP/s (its FLOPs counted by torch's FlopCounterMode on the meta
 device) and as a fraction of that matmul rate. Writes JSON and a markdown table (``--out``, default
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from child_env import child_env, thp_setting
 
 LOCK = "/tmp/gemma3n-heavy.lock"
 IMAGE_SIZE = 768
@@ -257,7 +263,14 @@ def run_child(
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     info = {"device": torch.cuda.get_device_name() if device != "cpu" else "cpu"}
-    return {"rows": rows, "limits": limits, "gflop_per_item": flops / 1e9, "threads": torch.get_num_threads(), **info}
+    return {
+        "rows": rows,
+        "limits": limits,
+        "gflop_per_item": flops / 1e9,
+        "threads": torch.get_num_threads(),
+        "thp": thp_setting(),
+        **info,
+    }
 
 
 # ---- orchestration ---------------------------------------------------------------------------------------------------
@@ -294,7 +307,8 @@ def markdown(results: list[dict]) -> str:
             f"- {res['part']} {res['dtype']}: {res['gflop_per_item']:.0f} GFLOP per item; same process: "
             f"{lim['matmul_gflops']:.0f} GFLOP/s peak matmul (best of n = {sizes}), "
             f"{lim['copy_gbs']:.1f} GB/s copy, "
-            f"{res['threads']} threads, device {res.get('device', 'cpu')}"
+            f"{res['threads']} threads, device {res.get('device', 'cpu')}, "
+            f"THP_MEM_ALLOC_ENABLE {res.get('thp', 'unset')} (all implementations)"
         )
     return "\n".join(lines) + "\n"
 
@@ -326,7 +340,7 @@ def main() -> None:
             print(f"{part} {dtype}: waiting for {LOCK} ...", file=sys.stderr, flush=True)
             with open(LOCK, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=os.environ)
+                done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=child_env("gemma3n"))
             res = json.loads(done.stdout.strip().splitlines()[-1])
             res.update(part=part, dtype=dtype)
             results.append(res)
