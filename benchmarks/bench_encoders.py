@@ -4,21 +4,22 @@
     python benchmarks/bench_encoders.py --parts vision --dtypes bfloat16 --batch-sizes 1 --rounds 2
     python benchmarks/bench_encoders.py --device cuda --no-compiled --out benchmarks/results/encoders_gpu
 
-Each (tower, dtype) runs in its own child process (the two fp32 audio towers hold ~6 GB) while holding
-/tmp/gemma3n-heavy.lock, so the machine's other heavy jobs do not overlap it. Inside a child, transformers' module,
-ours, and ours through ``enable_compile()`` (torch.compile with inductor freezing; ``--no-compiled`` leaves it out), all
-sharing one set of weights, alternate call by call over ``--rounds`` rounds after one warm-up call each (its time is
-reported: for the compiled variant it is the one-time compilation); the figures are medians with their ranges, per
-image (768x768) or per 30 s clip (3000 log-mel frames).
+Each (tower, dtype) runs in two child processes while holding /tmp/gemma3n-heavy.lock, so the machine's other heavy
+jobs do not overlap it: one for transformers' module, one for ours and ours through ``enable_compile()``
+(torch.compile with inductor freezing; ``--no-compiled`` leaves it out), each child building the same random weights.
+Each implementation gets one warm-up call (its time is reported: for the compiled variant it is the one-time
+compilation), then ``--rounds`` rounds in which each child times its implementations once, the children's order
+alternating; the figures are medians with their ranges, per image (768x768) or per 30 s clip (3000 log-mel frames).
 
-All implementations of a child share its allocator setting, so the child runs with gemma3n's default, torch's
-transparent huge pages for large buffers (``THP_MEM_ALLOC_ENABLE=1``, see gemma3n/huge_pages.py), unless the
-environment sets the variable. transformers' own default is without them, and huge pages speed up its towers too, so
-the comparison is conservative for gemma3n. The table records the setting.
+Two processes because each implementation runs with its own users' allocator default: gemma3n's child with torch's
+transparent huge pages for large buffers (``THP_MEM_ALLOC_ENABLE=1``, what ``import gemma3n`` sets), transformers'
+with torch's default (unset), unless the environment sets the variable for both (benchmarks/child_env.py). In one
+shared process transformers would get gemma3n's setting: its towers ran 11-21% faster with it (bf16 vision, batch 1
+and 4). The table records each child's setting.
 
-The same child measures what the hardware allows: a large matmul in the tower's dtype (GFLOP/s) and a 1 GiB copy
+Each child measures what the hardware allows: a large matmul in the tower's dtype (GFLOP/s) and a 1 GiB copy
 (GB/s); each tower figure is given as achieved GFLOP/s (its FLOPs counted by torch's FlopCounterMode on the meta
-device) and as a fraction of that matmul rate. Writes JSON and a markdown table (``--out``, default
+device) and as a fraction of the gemma3n child's matmul rate. Writes JSON and a markdown table (``--out``, default
 benchmarks/results/encoders_cpu.{json,md}).
 """
 
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from child_env import child_env, thp_setting
+from child_env import child_env, restore_thp, thp_setting
 
 LOCK = "/tmp/gemma3n-heavy.lock"
 IMAGE_SIZE = 768
@@ -214,36 +215,109 @@ def _timed(fn, device: str = "cpu") -> float:
     return time.perf_counter() - start
 
 
-def run_child(
-    part: str, dtype_name: str, batch_sizes: list[int], rounds: int, compiled: bool, device: str = "cpu"
-) -> dict:
+GROUPS = ("transformers", "gemma3n")  # one child process each: transformers' module; ours (eager, compiled, ...)
+
+
+def _group(name: str) -> str:
+    return "transformers" if name == "transformers" else "gemma3n"
+
+
+def serve(part: str, dtype_name: str, group: str, compiled: bool, device: str = "cpu") -> None:
+    """Child process: build the towers, then answer the parent's commands, one JSON line each on the protocol stream.
+
+    ``warm B``: one untimed call per implementation of ``group`` at batch B (for the compiled variant, the
+    compilation), with each output's relative difference to transformers' (the gemma3n child calls the reference
+    once for it); ``time B``: one timed call per implementation. Anything else the libraries print goes to stderr.
+    """
+    thp = thp_setting()  # as the parent set it for this group, before anything imports gemma3n
+    import gemma3n  # noqa: F401 - build_pair imports it; it sets THP_MEM_ALLOC_ENABLE when unset
+
+    restore_thp(thp)  # so transformers' child keeps torch's default
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints (Python or C) must not corrupt the protocol
+
+    def reply(message: dict) -> None:
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
+
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if device != "cpu":  # fp32 means fp32: no TF32 in cuDNN's convolutions (its default) or cuBLAS
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     dtype = DTYPES[dtype_name]
-    impls, inputs, flops = build_pair(part, dtype, compiled, device)
+    impls, inputs, flops = build_pair(part, dtype, compiled and group == "gemma3n", device)
+    names = [name for name in impls if _group(name) == group]
+    info = {"device": torch.cuda.get_device_name() if device != "cpu" else "cpu"}
     limits = hardware_limits(dtype, device)
-    rows = []
+    reply({"impls": names, "limits": limits, "flops": flops, "threads": torch.get_num_threads(), "thp": thp})
+    reply(info)
     with torch.no_grad():
-        for batch in batch_sizes:
-            args = inputs(batch)
-            # warm-up: oneDNN primitives, packed weights; for the compiled variant, the compilation
-            first_call_s, outs = {}, {}
-            for name, fn in impls.items():
-                _sync(device)
-                start = time.perf_counter()
-                out = fn(*args)
-                _sync(device)
-                first_call_s[name] = time.perf_counter() - start
-                outs[name] = out.double()
-            ref_out = outs["transformers"]
-            rel = {name: float((out - ref_out).norm() / ref_out.norm()) for name, out in outs.items()}
-            del outs
-            times = {name: [] for name in impls}
-            load = []
-            for _ in range(rounds):
-                for name, fn in impls.items():
-                    times[name].append(_timed(lambda fn=fn: fn(*args), device) / batch)
+        for line in sys.stdin:
+            command, batch = line.split()
+            args = inputs(int(batch))
+            if command == "warm":
+                ref = None if group == "transformers" else impls["transformers"](*args).double()
+                first_call_s, rel = {}, {}
+                for name in names:
+                    _sync(device)
+                    start = time.perf_counter()
+                    out = impls[name](*args)
+                    _sync(device)
+                    first_call_s[name] = time.perf_counter() - start
+                    rel[name] = 0.0 if ref is None else float((out.double() - ref).norm() / ref.norm())
+                del ref
+                reply({"first_call_s": first_call_s, "rel": rel})
+            else:
+                reply({"times": {name: _timed(lambda n=name: impls[n](*args), device) / int(batch) for name in names}})
+
+
+class Child:
+    """A ``serve`` process for one group, with its own environment (see child_env)."""
+
+    def __init__(self, part: str, dtype: str, group: str, args: argparse.Namespace):
+        command = [sys.executable, __file__, "--serve", part, dtype, group, "--device", args.device]
+        command += ["--no-compiled"] if args.no_compiled else []
+        self.group = group
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(group)
+        )
+        self.hello = self.read()
+        self.hello.update(self.read())
+
+    def read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.group} child exited ({self.process.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
+
+
+def run_pair(part: str, dtype_name: str, args: argparse.Namespace) -> dict:
+    """Both children for one (tower, dtype); per batch size: a warm-up each, then ``rounds`` rounds in which each child
+    times its implementations once, the order alternating between rounds."""
+    children = [Child(part, dtype_name, group, args) for group in GROUPS]
+    try:
+        ours = children[1].hello
+        names = [name for child in children for name in child.hello["impls"]]
+        flops, rows = ours["flops"], []
+        for batch in args.batch_sizes:
+            first_call_s, rel = {}, {}
+            for child in children:
+                warm = child.ask(f"warm {batch}")
+                first_call_s.update(warm["first_call_s"])
+                rel.update(warm["rel"])
+            times, load = {name: [] for name in names}, []
+            for round_ in range(args.rounds):
+                for child in children if round_ % 2 == 0 else children[::-1]:
+                    for name, seconds in child.ask(f"time {batch}")["times"].items():
+                        times[name].append(seconds)
                 load.append(os.getloadavg()[0])
             row = {"part": part, "dtype": dtype_name, "batch": batch, "impls": {}}
             for name, values in times.items():
@@ -254,7 +328,7 @@ def run_child(
                     "ms_per_item_max": 1e3 * max(values),
                     "first_call_s": first_call_s[name],
                     "gflops": flops / median / 1e9,
-                    "fraction_of_matmul": flops / median / 1e9 / limits["matmul_gflops"],
+                    "fraction_of_matmul": flops / median / 1e9 / ours["limits"]["matmul_gflops"],
                     "rel_diff_vs_transformers": rel[name],
                     "speedup_median": statistics.median(times["transformers"]) / median,
                     "speedup_per_round": [r / o for r, o in zip(times["transformers"], values, strict=True)],
@@ -262,14 +336,17 @@ def run_child(
             row["load_average_1min"] = load
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    info = {"device": torch.cuda.get_device_name() if device != "cpu" else "cpu"}
+    finally:
+        for child in children:
+            child.close()
     return {
         "rows": rows,
-        "limits": limits,
+        "limits": ours["limits"],
+        "limits_transformers_process": children[0].hello["limits"],
         "gflop_per_item": flops / 1e9,
-        "threads": torch.get_num_threads(),
-        "thp": thp_setting(),
-        **info,
+        "threads": ours["threads"],
+        "thp": {child.group: child.hello["thp"] for child in children},
+        "device": ours["device"],
     }
 
 
@@ -307,10 +384,14 @@ def markdown(results: list[dict]) -> str:
             f"- {res['part']} {res['dtype']}: {res['gflop_per_item']:.0f} GFLOP per item; same process: "
             f"{lim['matmul_gflops']:.0f} GFLOP/s peak matmul (best of n = {sizes}), "
             f"{lim['copy_gbs']:.1f} GB/s copy, "
-            f"{res['threads']} threads, device {res.get('device', 'cpu')}, "
-            f"THP_MEM_ALLOC_ENABLE {res.get('thp', 'unset')} (all implementations)"
+            f"{res['threads']} threads, device {res.get('device', 'cpu')}; "
+            f"THP_MEM_ALLOC_ENABLE per process: {_thp_text(res.get('thp', 'unset'))}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _thp_text(thp: dict | str) -> str:
+    return ", ".join(f"{group} {value}" for group, value in thp.items()) if isinstance(thp, dict) else thp
 
 
 def main() -> None:
@@ -322,30 +403,23 @@ def main() -> None:
     parser.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile variant")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU runs: set --out, e.g. encoders_gpu)")
     parser.add_argument("--out", default="benchmarks/results/encoders_cpu")
-    parser.add_argument("--child", nargs=2, metavar=("PART", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=3, metavar=("PART", "DTYPE", "GROUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        result = run_child(
-            args.child[0], args.child[1], args.batch_sizes, args.rounds, not args.no_compiled, args.device
-        )
-        print(json.dumps(result))
+    if args.serve:
+        serve(*args.serve, compiled=not args.no_compiled, device=args.device)
         return
 
     results = []
     for dtype in args.dtypes:  # bf16 first (the faster runs): a run cut short still has both towers
         for part in args.parts:
-            command = [sys.executable, __file__, "--child", part, dtype, "--rounds", str(args.rounds)]
-            command += ["--batch-sizes", *map(str, args.batch_sizes)] + (["--no-compiled"] if args.no_compiled else [])
-            command += ["--device", args.device]
             print(f"{part} {dtype}: waiting for {LOCK} ...", file=sys.stderr, flush=True)
             with open(LOCK, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=child_env("gemma3n"))
-            res = json.loads(done.stdout.strip().splitlines()[-1])
+                res = run_pair(part, dtype, args)
             res.update(part=part, dtype=dtype)
             results.append(res)
             print(markdown([res]), file=sys.stderr, flush=True)
-            write_results(Path(args.out), results)  # after every child: a partial run still leaves its figures
+            write_results(Path(args.out), results)  # after every pair: a partial run still leaves its figures
     print(markdown(results))
 
 

@@ -26,3 +26,12 @@ def child_env(impl: str) -> dict[str, str]:
 def thp_setting() -> str:
     """This process's setting, for the results: '1', '0' or 'unset'."""
     return os.environ.get(THP_ENV, "unset")
+
+
+def restore_thp(setting: str) -> None:
+    """Give this process back the setting ``thp_setting()`` returned (``import gemma3n`` sets the variable when it is
+    unset). Call it right after importing gemma3n, before torch's first allocation reads the variable."""
+    if setting == "unset":
+        os.environ.pop(THP_ENV, None)
+    else:
+        os.environ[THP_ENV] = setting
