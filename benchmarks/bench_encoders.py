@@ -14,8 +14,9 @@ alternating; the figures are medians with their ranges, per image (768x768) or p
 Two processes because each implementation runs with its own users' allocator default: gemma3n's child with torch's
 transparent huge pages for large buffers (``THP_MEM_ALLOC_ENABLE=1``, what ``import gemma3n`` sets), transformers'
 with torch's default (unset), unless the environment sets the variable for both (benchmarks/child_env.py). In one
-shared process transformers would get gemma3n's setting: its towers ran 11-21% faster with it (bf16 vision, batch 1
-and 4). The table records each child's setting.
+shared process transformers would get gemma3n's setting: its bf16 vision tower took 4312 / 4873 ms per image (batch
+1 / 4) with it, against 4828 / 5898 without it in a run an hour later (encoders_cpu_split_bf16). The table records each
+child's setting.
 
 Each child measures what the hardware allows: a large matmul in the tower's dtype (GFLOP/s) and a 1 GiB copy
 (GB/s); each tower figure is given as achieved GFLOP/s (its FLOPs counted by torch's FlopCounterMode on the meta
