@@ -8,6 +8,7 @@ import pytest
 import torch
 from timm.layers import MultiQueryAttention2d
 from torch import nn
+from vision_helpers import rel_err
 
 from gemma3n.encoders import vision_attention
 from gemma3n.encoders.vision_attention import FoldedMultiQueryAttention2d, fold_multi_query_attention
@@ -15,10 +16,6 @@ from gemma3n.encoders.vision_attention import FoldedMultiQueryAttention2d, fold_
 # fp32: the same per-row softmax and weighted sum as timm's fused attention, with other kernel blocking at most
 # (rounding ~1e-7 per op over a few dozen ops per row); 1e-5 relative leaves two orders of magnitude.
 FP32_REL_TOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _attention(query_strides: int, kv_stride: int) -> MultiQueryAttention2d:
