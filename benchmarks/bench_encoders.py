@@ -247,10 +247,10 @@ def serve(part: str, dtype_name: str, group: str, compiled: bool, device: str = 
     dtype = DTYPES[dtype_name]
     impls, inputs, flops = build_pair(part, dtype, compiled and group == "gemma3n", device)
     names = [name for name in impls if _group(name) == group]
-    info = {"device": torch.cuda.get_device_name() if device != "cpu" else "cpu"}
     limits = hardware_limits(dtype, device)
-    reply({"impls": names, "limits": limits, "flops": flops, "threads": torch.get_num_threads(), "thp": thp})
-    reply(info)
+    device_name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
+    threads = torch.get_num_threads()
+    reply({"impls": names, "limits": limits, "flops": flops, "threads": threads, "thp": thp, "device": device_name})
     with torch.no_grad():
         for line in sys.stdin:
             command, batch = line.split()
@@ -281,8 +281,7 @@ class Child:
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(group)
         )
-        self.hello = self.read()
-        self.hello.update(self.read())
+        self.hello = self.read()  # what serve() built and measured
 
     def read(self) -> dict:
         line = self.process.stdout.readline()
@@ -382,7 +381,7 @@ def markdown(results: list[dict]) -> str:
         lim = res["limits"]
         sizes = ", ".join(f"{n}: {g:.0f}" for n, g in lim["matmul_gflops_per_n"].items())
         lines.append(
-            f"- {res['part']} {res['dtype']}: {res['gflop_per_item']:.0f} GFLOP per item; same process: "
+            f"- {res['part']} {res['dtype']}: {res['gflop_per_item']:.0f} GFLOP per item; gemma3n's process: "
             f"{lim['matmul_gflops']:.0f} GFLOP/s peak matmul (best of n = {sizes}), "
             f"{lim['copy_gbs']:.1f} GB/s copy, "
             f"{res['threads']} threads, device {res.get('device', 'cpu')}; "
