@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from conftest import save_reference_lm, text_config
@@ -135,3 +137,79 @@ def test_few_row_bf16_linear_equals_the_float32_product(shape):
     accumulation = 96 * 2**-24 * (x.float().abs() @ layer.weight.float().abs().T)
     bound = 2**-8 * (want.abs() + accumulation) + accumulation
     assert ((got.float() - want).abs() <= bound).all()
+
+
+class _GraphRecorder:
+    """A torch.compile backend that keeps each traced FX graph and runs it as traced (eagerly)."""
+
+    def __init__(self):
+        self.targets: list[object] = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.targets += [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+        return graph_module.forward
+
+
+_BLAS_CALLS = {torch._C._nn.linear, torch.matmul, operator.matmul, torch.ops.aten.mm.default, torch._weight_int8pack_mm}
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small-weight", "large-weight"])
+def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(small, monkeypatch):
+    """Traced by torch.compile, a few-row product with a small weight is a float32 multiply-and-sum (inductor fuses
+    it; a BLAS call costs ~35 us however small the weight), rounded once to bf16: within the float32 product's
+    bounds of the test above. A weight over the size limit keeps its BLAS call."""
+    from gemma3n.text_model import linear
+
+    gen = torch.Generator().manual_seed(1)
+    layer = linear.Linear(96, 200, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(200, 96, generator=gen))
+    monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 200 * 96 if small else 200 * 96 - 1)
+    x = torch.randn(1, 1, 96, generator=gen).to(torch.bfloat16)
+    recorder = _GraphRecorder()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        got = torch.compile(layer, backend=recorder, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert bool(_BLAS_CALLS & set(recorder.targets)) is not small, recorder.targets
+    want = x.float() @ layer.weight.float().T
+    accumulation = 96 * 2**-24 * (x.float().abs() @ layer.weight.float().abs().T)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 200)
+    assert ((got.float() - want).abs() <= 2**-8 * (want.abs() + accumulation) + accumulation).all()
+
+
+def test_compiled_int8_product_of_a_small_weight_is_a_fused_multiply_and_sum():
+    """The int8 layer does the same under torch.compile: no int8 kernel call, and the kernel's result (float32 sums
+    of exact int8 * bf16 products, times the scale) up to float32 summation order, then one bf16 rounding."""
+    from gemma3n.quantize import Int8Linear
+
+    gen = torch.Generator().manual_seed(2)
+    layer = Int8Linear.from_weight(torch.randn(64, 128, generator=gen).to(torch.bfloat16))
+    x = torch.randn(2, 128, generator=gen).to(torch.bfloat16)
+    recorder = _GraphRecorder()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        got = torch.compile(layer, backend=recorder, fullgraph=True)(x)
+        kernel = layer(x)
+    torch._dynamo.reset()
+    assert not _BLAS_CALLS & set(recorder.targets), recorder.targets
+    exact = (x.float() @ layer.qweight.float().T) * layer.scales.float()
+    accumulation = 2 * 128 * 2**-24 * (x.float().abs() @ layer.qweight.float().abs().T) * layer.scales.float()
+    for result in (got, kernel):
+        assert ((result.float() - exact).abs() <= 2**-8 * (exact.abs() + accumulation) + accumulation).all()
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_lm_head_soft_caps_the_weight_major_product(tokens):
+    """The bf16 CPU LM head soft-caps its contiguous [vocab, m] product (vectorised) and returns the [B, T, vocab]
+    view: the same values as soft-capping the row-major product."""
+    from gemma3n.text_model.heads import lm_head_logits
+    from gemma3n.text_model.linear import weight_major_product
+
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(300, 64, generator=gen).to(torch.bfloat16)
+    hidden = torch.randn(1, tokens, 64, generator=gen).to(torch.bfloat16)
+    got = lm_head_logits(hidden, table, None, 2.0)
+    want = weight_major_product(hidden, table).div_(2.0).tanh_().mul_(2.0)
+    assert got.shape == (1, tokens, 300) and torch.equal(got, want)
+    assert got.abs().max() <= 2.0 and got.abs().max() > 1.5  # capped, and the cap did bite

@@ -94,9 +94,9 @@ class AltUp(nn.Module):
         self.active = config.altup_active_idx
         self.router_scale = 1.0 / hidden
         self.correct_output_scale = nn.Parameter(torch.zeros(hidden))
-        self.correction_coefs = nn.Linear(n, n, bias=False)
-        self.prediction_coefs = nn.Linear(n, n * n, bias=False)
-        self.modality_router = nn.Linear(hidden, n, bias=False)
+        self.correction_coefs = Linear(n, n, bias=False)
+        self.prediction_coefs = Linear(n, n * n, bias=False)
+        self.modality_router = Linear(hidden, n, bias=False)
         self.router_norm = RMSNorm(hidden, eps=config.rms_norm_eps)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,13 @@ class AltUp(nn.Module):
         coefs = self.prediction_coefs(self.route(streams[self.active])).view(B, T, self.n, self.n)
         # prediction_j = stream_j + sum_k coefs[j, k] * stream_k; the product comes out [B, T, H, n]: back to
         # contiguous [n, B, T, H] before the add, or the sum (and every later op on the streams) walks stride n
-        mixed = torch.matmul(streams.permute(1, 2, 3, 0), coefs.transpose(-1, -2)).permute(3, 0, 1, 2).contiguous()
+        if torch.compiler.is_compiling() and streams[0].numel() <= FEW_ROWS * streams.shape[-1]:
+            # traced decode step: the n x n mix as a float32 multiply-and-sum, which inductor fuses (a bmm call
+            # costs about 70 us per layer for [B, T, H, n] @ [B, T, n, n] with a few tokens)
+            weights = coefs.float().permute(2, 3, 0, 1)[..., None]  # [n(j), n(k), B, T, 1]
+            mixed = (weights * streams.float()[None]).sum(1).to(streams.dtype)  # [n, B, T, H]
+        else:
+            mixed = torch.matmul(streams.permute(1, 2, 3, 0), coefs.transpose(-1, -2)).permute(3, 0, 1, 2).contiguous()
         return (mixed + streams).type_as(streams)
 
     def correct(self, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
