@@ -213,3 +213,28 @@ def test_lm_head_soft_caps_the_weight_major_product(tokens):
     want = weight_major_product(hidden, table).div_(2.0).tanh_().mul_(2.0)
     assert got.shape == (1, tokens, 300) and torch.equal(got, want)
     assert got.abs().max() <= 2.0 and got.abs().max() > 1.5  # capped, and the cap did bite
+
+
+@pytest.mark.parametrize("tokens", [1, 8], ids=["decode", "prefill"])
+def test_compiled_altup_mix_of_few_tokens_is_a_fused_multiply_and_sum(tokens):
+    """Traced by torch.compile with a few tokens on the CPU, AltUp's n x n stream mix is a float32 multiply-and-sum
+    (no bmm call): the eager prediction up to float32 summation order (4 terms: within 1e-6 relative here). More
+    tokens keep the batched matmul."""
+    from gemma3n.config import TextConfig
+    from gemma3n.text_model.layers import AltUp
+
+    gen = torch.Generator().manual_seed(4)
+    altup = AltUp(TextConfig(hidden_size=64))
+    with torch.no_grad():
+        for parameter in altup.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=gen))
+    streams = torch.randn(altup.n, 1, tokens, 64, generator=gen)
+    recorder = _GraphRecorder()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        got = torch.compile(altup.predict, backend=recorder, fullgraph=True)(streams)
+        want = altup.predict(streams)
+    torch._dynamo.reset()
+    assert bool((_BLAS_CALLS | {torch.bmm}) & set(recorder.targets)) is (tokens > 4), recorder.targets
+    assert got.shape == want.shape == streams.shape
+    assert ((got - want).norm() / want.norm()).item() <= 1e-6

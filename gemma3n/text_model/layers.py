@@ -109,8 +109,9 @@ class AltUp(nn.Module):
         coefs = self.prediction_coefs(self.route(streams[self.active])).view(B, T, self.n, self.n)
         # prediction_j = stream_j + sum_k coefs[j, k] * stream_k; the product comes out [B, T, H, n]: back to
         # contiguous [n, B, T, H] before the add, or the sum (and every later op on the streams) walks stride n
-        if torch.compiler.is_compiling() and streams[0].numel() <= FEW_ROWS * streams.shape[-1]:
-            # traced decode step: the n x n mix as a float32 multiply-and-sum, which inductor fuses (a bmm call
+        few_rows = streams.device.type == "cpu" and streams[0].numel() <= FEW_ROWS * streams.shape[-1]
+        if few_rows and torch.compiler.is_compiling():
+            # traced CPU decode step: the n x n mix as a float32 multiply-and-sum, which inductor fuses (a bmm call
             # costs about 70 us per layer for [B, T, H, n] @ [B, T, n, n] with a few tokens)
             weights = coefs.float().permute(2, 3, 0, 1)[..., None]  # [n(j), n(k), B, T, 1]
             mixed = (weights * streams.float()[None]).sum(1).to(streams.dtype)  # [n, B, T, H]
