@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .mapped_pages import file_mappings, release_mapped_pages
-from .text_model.linear import FEW_ROWS, SMALL_WEIGHT_ELEMENTS, fused_small_product
+from .text_model.linear import fused_small_product, traced_small_product
 
 QUANTIZE_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP_SIZE = 64
@@ -238,9 +238,9 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
             return int8_prefill_linear(x, self.qweight, self.scales)
-        small = rows.shape[0] <= FEW_ROWS and self.qweight.numel() <= SMALL_WEIGHT_ELEMENTS
-        if small and torch.compiler.is_compiling():
-            # traced decode step: a small weight as a fused multiply-and-sum (see gemma3n.text_model.linear)
+        if traced_small_product(rows.shape[0], self.qweight):
+            # a small weight as a fused multiply-and-sum (see gemma3n.text_model.linear); float32 rows keep the sum
+            # unrounded until it is scaled, as the int8 kernel does
             out = (fused_small_product(rows.float(), self.qweight) * scales.float()).to(x.dtype)
         else:
             out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)  # [n, out]

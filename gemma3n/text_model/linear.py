@@ -34,6 +34,12 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def traced_small_product(rows: int, weight: torch.Tensor) -> bool:
+    """Whether a product of ``rows`` rows with ``weight`` goes through :func:`fused_small_product`: few rows, a weight
+    of at most ``SMALL_WEIGHT_ELEMENTS``, and torch.compile tracing (eager keeps its BLAS call)."""
+    return rows <= FEW_ROWS and weight.numel() <= SMALL_WEIGHT_ELEMENTS and torch.compiler.is_compiling()
+
+
 def fused_small_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` [..., out] as a float32 multiply-and-sum, rounded once to x's dtype (as a BLAS product
     rounds); meant for tracing: inductor fuses it into one reduction loop, never materialising [..., out, in]."""
@@ -44,7 +50,7 @@ def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``F.linear``; for few rows on a CPU, through :func:`weight_major_product` (bf16) or, when traced by
     torch.compile with a small weight, :func:`fused_small_product`."""
     if x.device.type == "cpu" and bias is None and x.numel() <= FEW_ROWS * x.shape[-1]:
-        if torch.compiler.is_compiling() and weight.numel() <= SMALL_WEIGHT_ELEMENTS:
+        if traced_small_product(x.numel() // x.shape[-1], weight):
             return fused_small_product(x, weight)
         if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
             return weight_major_product(x, weight)
