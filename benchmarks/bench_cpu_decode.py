@@ -288,6 +288,7 @@ def summarize_kernels(rounds: list[dict], summary: dict) -> dict:
 
     copies = [r["copy_gbs"] for r in rounds if r.get("kernels", {}).get("available")]
     out: dict = {"read_gbs": spread([m["read_gbs"] for m in measured]), "copy_gbs": spread(copies), "kernels": {}}
+    out["bf16_few_row_kernel"] = sorted({m["bf16_few_row_kernel"] for m in measured if "bf16_few_row_kernel" in m})
     for name in measured[0]["kernels"]:
         triples = [(m["kernels"][name], m["read_gbs"], c) for m, c in zip(measured, copies, strict=True)]
         runs = [run for run, _, _ in triples]
@@ -358,7 +359,12 @@ def markdown(results: dict) -> str:
             f"layers' matrices and over the LM head, 1 and 4 rows; read bandwidth (amax over 1 GiB of float32) "
             f"{fmt(read, 1)} GB/s, "
             f"copy {fmt(kernels['copy_gbs'], 1)} GB/s (read + written) in the same rounds. The ceiling is the decode "
-            "tok/s the kernel allows with no other work in the step.",
+            "tok/s the kernel allows with no other work in the step."
+            + (
+                f" gemma3n's bf16 few-row kernel here: {', '.join(kernels['bf16_few_row_kernel'])}."
+                if kernels.get("bf16_few_row_kernel")
+                else ""
+            ),
             "",
             "| kernel | layers b1 GB/s | of read bandwidth | of copy | LM head b1 GB/s | layers b4 GB/s | "
             "LM head b4 GB/s | ceiling b1 tok/s |",

@@ -6,8 +6,9 @@ bf16, 0.7 GB in all: more than the last-level cache) plus, separately, the 262,1
 product per weight for 1 and 4 rows; GB/s counts the bytes of the weight (and its scales) per second, so
 ``bytes read per token / GB/s`` is the time a decode step would take with no other work.
 
-Kernels: bf16 as gemma3n runs it (the weight-major product of ``gemma3n.text_model.linear``) and as ``F.linear`` runs it
-(transformers); int8 per-channel weight-only (``torch._weight_int8pack_mm``, gemma3n's int8); int4 group-wise
+Kernels: bf16 as the weight-major product of ``gemma3n.text_model.linear`` and as ``F.linear`` (transformers) runs
+it, of which gemma3n takes the faster on this CPU (``few_row_bf16_kernel``, recorded as ``bf16_few_row_kernel``); int8
+per-channel weight-only (``torch._weight_int8pack_mm``, gemma3n's int8); int4 group-wise
 (``torch._weight_int4pack_mm_for_cpu``, gemma3n's int4); and, measured but not used, fbgemm's dynamic int8 GEMM
 (``torch.ops.quantized.linear_dynamic``), which also quantizes the activations (see the note in the results).
 """
@@ -65,7 +66,7 @@ def _kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], t
     int8 = Int8Linear.from_weight(weight)
     int4 = Int4Linear.from_weight(weight, group_size=64)
     out: dict = {
-        "bf16 gemma3n (weight-major)": (lambda x: weight_major_product(x, weight), weight.numel() * 2),
+        "bf16 weight-major": (lambda x: weight_major_product(x, weight), weight.numel() * 2),
         "bf16 F.linear (transformers)": (lambda x: F.linear(x, weight), weight.numel() * 2),
         "int8 weight-only (gemma3n)": (int8, int8.qweight.numel() + int8.scales.numel() * 2),
         "int4 g64 (gemma3n)": (int4, int4.packed.numel() + int4.scales_and_zeros.numel() * 2),
@@ -96,7 +97,9 @@ def kernel_ceilings(threads: int, repeats: int = 5) -> dict:
         "layers": [(o, i) for _ in range(LAYERS) for o, i in LAYER_SHAPES],
         "lm_head": [(VOCAB, HIDDEN)],
     }
-    result: dict = {"read_gbs": read_bandwidth_gbs(), "kernels": {}}
+    from gemma3n.text_model.linear import few_row_bf16_kernel
+
+    result: dict = {"read_gbs": read_bandwidth_gbs(), "bf16_few_row_kernel": few_row_bf16_kernel(), "kernels": {}}
     for group, shapes in groups.items():
         per_kernel: dict[str, list] = {}
         for out_f, in_f in shapes:

@@ -75,9 +75,10 @@ class Gemma3n(LoadedModel):
         on disk: each tower block's memory-mapped pages are dropped after the block has run, and the vision
         convolutions keep no packed weight copy; outputs are unchanged; see :mod:`gemma3n.low_memory`.
 
-        On the CPU, unquantized decode steps read only the active channels of the sparse MLP layers (E2B: about 5%
-        of the up and down weights of the first 10 layers), at the cost of a transposed copy of those layers'
-        ``down_proj`` weights (320 MB for E2B in bf16); ``model.language_model.enable_sparse_decode(False)`` drops it.
+        On the CPU, decode steps read only the active channels of the sparse MLP layers (E2B: about 5% of the up and
+        down weights of the first 10 layers; unquantized or int8 weights), at the cost of a transposed copy of those
+        layers' ``down_proj`` weights (E2B: 320 MB in bf16, 160 MB in int8);
+        ``model.language_model.enable_sparse_decode(False)`` drops it.
         """
         path = resolve_model_name(path)  # a directory, "tiny-random" or a hub id
         device = resolve_device(device)
@@ -105,8 +106,8 @@ class Gemma3n(LoadedModel):
         if ple_device is not None and torch.device(ple_device).type == "cpu" and torch.device(device).type == "cuda":
             model.language_model.embed_tokens_per_layer.weight = nn.Parameter(table.pin_memory(), requires_grad=False)
         model.path = path
-        if quantize is None and device.type == "cpu":
-            model.language_model.enable_sparse_decode()  # a transposed copy of each sparse layer's down_proj
+        if device.type == "cpu":
+            model.language_model.enable_sparse_decode()  # row-gatherable copies of each sparse layer's weights
         if low_memory is None:
             low_memory = quantize is not None
         if low_memory and torch.device(device).type == "cpu":

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .mapped_pages import file_mappings, release_mapped_pages
+from .quantized_kernels import int4_product, int8_product
 from .text_model.linear import fused_small_product, traced_small_product
 
 QUANTIZE_MODES = ("int8", "int4")
@@ -243,8 +244,13 @@ class Int8Linear(nn.Module):
             # unrounded until it is scaled, as the int8 kernel does
             out = (fused_small_product(rows.float(), self.qweight) * scales.float()).to(x.dtype)
         else:
-            out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)  # [n, out]
+            out = int8_product(rows, self.qweight, scales)  # [n, out]
         return out.view(*x.shape[:-1], self.out_features)
+
+    def transposed_qweight(self) -> torch.Tensor:
+        """A transposed copy of the weight [in, out] int8: input column ``c`` is row ``c`` (for sparse decode,
+        :mod:`gemma3n.text_model.sparse_decode`); the scales stay one per output."""
+        return self.qweight.t().contiguous()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -318,11 +324,7 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
             return int4_prefill_linear(x, self.packed, self.scales_and_zeros, self.group_size, self.out_features)
-        sz = self.scales_and_zeros
-        sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
-        out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, self.group_size, sz)  # [n, out64]
-        if out.shape[1] != self.out_features:
-            out = out[:, : self.out_features]
+        out = int4_product(rows, self.packed, self.scales_and_zeros, self.group_size, self.out_features)  # [n, out]
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

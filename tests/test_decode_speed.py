@@ -116,14 +116,19 @@ def test_compiled_decoding_equals_eager_in_fp32_across_buckets(tmp_path, monkeyp
     assert torch.equal(compiled, eager), f"\neager    {eager[:, 9:]}\ncompiled {compiled[:, 9:]}"
 
 
+@pytest.mark.parametrize("kernel", ["weight-major", "linear"])
 @pytest.mark.parametrize("shape", [(1, 1, 96), (2, 1, 96), (4, 96), (3, 5, 96)], ids=["1", "2", "4", "15-rows"])
-def test_few_row_bf16_linear_equals_the_float32_product(shape):
-    """The decoder's Linear (weight-major product for few bf16 rows on a CPU, F.linear otherwise) gives the float32
-    product of the same bf16 values rounded once to bf16, element by element: within a bf16 rounding (2^-8 relative,
-    8 significant bits) plus a float32 accumulation-order bound (products of bf16 values are exact in float32; each of
-    the K additions rounds by at most 2^-24 of the running sum of magnitudes), on any kernel path."""
-
+def test_few_row_bf16_linear_equals_the_float32_product(shape, kernel, monkeypatch):
+    """The decoder's Linear (for few bf16 rows on a CPU, the weight-major product or F.linear, whichever this CPU runs
+    faster; F.linear otherwise) gives the float32 product of the same bf16 values rounded once to bf16, element by
+    element: within a bf16 rounding (2^-8 relative, 8 significant bits) plus a float32 accumulation-order bound
+    (products of bf16 values are exact in float32; each of the K additions rounds by at most 2^-24 of the running sum
+    of magnitudes), on either kernel (both are checked, whatever this machine would choose)."""
+    from gemma3n.text_model import linear
     from gemma3n.text_model.linear import Linear
+
+    monkeypatch.setattr(linear, "_few_row_kernel", kernel)
+    monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)  # this 200 x 96 weight counts as large
 
     gen = torch.Generator().manual_seed(0)
     layer = Linear(96, 200, bias=False).to(torch.bfloat16)
@@ -153,11 +158,18 @@ class _GraphRecorder:
 _BLAS_CALLS = {torch._C._nn.linear, torch.matmul, operator.matmul, torch.ops.aten.mm.default, torch._weight_int8pack_mm}
 
 
-@pytest.mark.parametrize("small", [True, False], ids=["small-weight", "large-weight"])
-def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(small, monkeypatch):
+@pytest.mark.parametrize(
+    ("small", "fused_rows", "rows", "fused"),
+    [(True, False, 1, True), (False, False, 1, False), (False, True, 1, True), (False, True, 2, False)],
+    ids=["small-weight", "large-weight", "large-weight-fused-row", "large-weight-two-rows"],
+)
+def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(
+    small, fused_rows, rows, fused, monkeypatch
+):
     """Traced by torch.compile, a few-row product with a small weight is a float32 multiply-and-sum (inductor fuses
     it; a BLAS call costs ~35 us however small the weight), rounded once to bf16: within the float32 product's
-    bounds of the test above. A weight over the size limit keeps its BLAS call."""
+    bounds of the test above. A weight over the size limit keeps its BLAS call, unless this CPU streams one-row
+    products faster fused (``measure_fused_row_product``), and then for one row only."""
     from gemma3n.text_model import linear
 
     gen = torch.Generator().manual_seed(1)
@@ -165,17 +177,64 @@ def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(
     with torch.no_grad():
         layer.weight.copy_(torch.randn(200, 96, generator=gen))
     monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 200 * 96 if small else 200 * 96 - 1)
-    x = torch.randn(1, 1, 96, generator=gen).to(torch.bfloat16)
+    monkeypatch.setattr(linear, "_fused_row_product", fused_rows)
+    monkeypatch.setattr(linear, "_few_row_kernel", "linear")
+    x = torch.randn(rows, 1, 96, generator=gen).to(torch.bfloat16)
     recorder = _GraphRecorder()
     torch._dynamo.reset()
     with torch.inference_mode():
         got = torch.compile(layer, backend=recorder, fullgraph=True)(x)
     torch._dynamo.reset()
-    assert bool(_BLAS_CALLS & set(recorder.targets)) is not small, recorder.targets
+    assert bool(_BLAS_CALLS & set(recorder.targets)) is not fused, recorder.targets
     want = x.float() @ layer.weight.float().T
     accumulation = 96 * 2**-24 * (x.float().abs() @ layer.weight.float().abs().T)
-    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 200)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 1, 200)
     assert ((got.float() - want).abs() <= 2**-8 * (want.abs() + accumulation) + accumulation).all()
+
+
+def test_compiled_one_row_lm_head_is_fused_where_that_is_faster(monkeypatch):
+    """With fused one-row products on, a compiled one-token LM head makes no BLAS call; its soft-capped logits are
+    the float32 product within one bf16 rounding plus the accumulation bound, then capped (tanh is 1-Lipschitz, so
+    the cap does not grow the error), all within [-cap, cap]."""
+    from gemma3n.text_model import linear
+    from gemma3n.text_model.heads import lm_head_logits
+
+    monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(linear, "_fused_row_product", True)
+    monkeypatch.setattr(linear, "_few_row_kernel", "linear")
+    gen = torch.Generator().manual_seed(6)
+    table = torch.randn(300, 64, generator=gen).to(torch.bfloat16)
+    hidden = torch.randn(1, 1, 64, generator=gen).to(torch.bfloat16)
+    recorder = _GraphRecorder()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        got = torch.compile(lm_head_logits, backend=recorder, fullgraph=True)(hidden, table, None, 2.0)
+    torch._dynamo.reset()
+    assert not _BLAS_CALLS & set(recorder.targets), recorder.targets
+    product = hidden.float() @ table.float().T
+    accumulation = 64 * 2**-24 * (hidden.float().abs() @ table.float().abs().T)
+    bound = 2**-8 * (product.abs() + accumulation) + accumulation + 2**-8 * 2.0  # and the capped value's rounding
+    want = 2.0 * torch.tanh(product / 2.0)
+    assert got.shape == (1, 1, 300) and ((got.float() - want).abs() <= bound).all()
+    assert got.abs().max() <= 2.0
+
+
+def test_fused_row_choice_is_measured_once_or_set(monkeypatch):
+    """``GEMMA3N_FUSED_ROW_PRODUCT`` decides (1 / 0), a wrong value is a clear error, and unset the choice is measured
+    (a real compile and timing here) and kept for the process."""
+    from gemma3n.text_model import linear
+
+    for setting, expected in (("1", True), ("0", False)):
+        monkeypatch.setattr(linear, "_fused_row_product", None)
+        monkeypatch.setenv(linear.FUSED_ROW_ENV, setting)
+        assert linear.measure_fused_row_product() is expected
+    monkeypatch.setattr(linear, "_fused_row_product", None)
+    monkeypatch.setenv(linear.FUSED_ROW_ENV, "yes")
+    with pytest.raises(ValueError, match="GEMMA3N_FUSED_ROW_PRODUCT='yes'"):
+        linear.measure_fused_row_product()
+    monkeypatch.delenv(linear.FUSED_ROW_ENV)
+    measured = linear.measure_fused_row_product()
+    assert isinstance(measured, bool) and linear._fused_row_product is measured
 
 
 def test_compiled_int8_product_of_a_small_weight_is_a_fused_multiply_and_sum():
@@ -200,11 +259,15 @@ def test_compiled_int8_product_of_a_small_weight_is_a_fused_multiply_and_sum():
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_lm_head_soft_caps_the_weight_major_product(tokens):
-    """The bf16 CPU LM head soft-caps its contiguous [vocab, m] product (vectorised) and returns the [B, T, vocab]
-    view: the same values as soft-capping the row-major product."""
+def test_lm_head_soft_caps_the_weight_major_product(tokens, monkeypatch):
+    """Where the weight-major kernel is the faster, the bf16 CPU LM head soft-caps its contiguous [vocab, m] product
+    (vectorised) and returns the [B, T, vocab] view: the same values as soft-capping the row-major product."""
+    from gemma3n.text_model import linear
     from gemma3n.text_model.heads import lm_head_logits
     from gemma3n.text_model.linear import weight_major_product
+
+    monkeypatch.setattr(linear, "_few_row_kernel", "weight-major")
+    monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
 
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(300, 64, generator=gen).to(torch.bfloat16)
@@ -213,6 +276,46 @@ def test_lm_head_soft_caps_the_weight_major_product(tokens):
     want = weight_major_product(hidden, table).div_(2.0).tanh_().mul_(2.0)
     assert got.shape == (1, tokens, 300) and torch.equal(got, want)
     assert got.abs().max() <= 2.0 and got.abs().max() > 1.5  # capped, and the cap did bite
+
+
+@pytest.mark.parametrize("kernel", ["weight-major", "linear"])
+def test_few_row_kernel_choice_routes_large_bf16_products(kernel, monkeypatch):
+    """The kernel chosen for this CPU (here forced through the environment variable) runs few-row bf16 products with
+    a large weight and the LM head, bit for bit as calling it directly; small weights and fp32 keep F.linear."""
+    from gemma3n.text_model import linear
+    from gemma3n.text_model.heads import lm_head_logits
+
+    monkeypatch.setattr(linear, "_few_row_kernel", None)
+    monkeypatch.setenv(linear.FEW_ROW_KERNEL_ENV, kernel)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(600, 1024, generator=gen).to(torch.bfloat16)  # over SMALL_WEIGHT_ELEMENTS (2^19)
+    x = torch.randn(1, 2, 1024, generator=gen).to(torch.bfloat16)
+    direct = linear.weight_major_product if kernel == "weight-major" else torch.nn.functional.linear
+    assert torch.equal(linear.linear_product(x, weight), direct(x, weight))
+    assert linear.few_row_bf16_kernel() == kernel
+    logits = lm_head_logits(x, weight, None, None)
+    assert torch.equal(logits, direct(x, weight))
+    small = weight[:256, :1024]  # 2^18 elements
+    assert torch.equal(linear.linear_product(x, small), torch.nn.functional.linear(x, small))
+
+
+def test_few_row_kernel_is_measured_once_and_checked(monkeypatch):
+    """Unset, the choice is measured on first use (one of the two kernels) and kept for the process; a wrong value
+    of the environment variable is a clear error naming it."""
+    from gemma3n.text_model import linear
+
+    monkeypatch.setattr(linear, "_few_row_kernel", None)
+    monkeypatch.delenv(linear.FEW_ROW_KERNEL_ENV, raising=False)
+    calls = []
+    choose = linear._choose_few_row_kernel
+    monkeypatch.setattr(linear, "_choose_few_row_kernel", lambda: calls.append(1) or choose())
+    first = linear.few_row_bf16_kernel()
+    assert first in ("weight-major", "linear") and linear.few_row_bf16_kernel() == first and len(calls) == 1
+
+    monkeypatch.setattr(linear, "_few_row_kernel", None)
+    monkeypatch.setenv(linear.FEW_ROW_KERNEL_ENV, "mv")
+    with pytest.raises(ValueError, match="GEMMA3N_BF16_FEW_ROW_KERNEL='mv'"):
+        linear.few_row_bf16_kernel()
 
 
 @pytest.mark.parametrize("tokens", [1, 8], ids=["decode", "prefill"])

@@ -11,10 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err, save_reference_lm, text_config
+from torch import nn
 
 import gemma3n
-from gemma3n.text_model import layers
-from gemma3n.text_model.sparse_decode import MAX_ACTIVE_FRACTION, sparse_gated_down
+from gemma3n.quantize import Int8Linear
+from gemma3n.text_model.sparse_decode import (
+    MAX_ACTIVE_FRACTION,
+    SparseDecodeProduct,
+    sparse_decode_product,
+    sparse_gated_down,
+    sparse_gated_down_int8,
+)
 
 
 def _sparse_activation(rows: int, width: int, seed: int) -> torch.Tensor:
@@ -29,10 +36,10 @@ def test_sparse_product_never_reads_inactive_channels():
     each output differs, which any kernel keeps within a few float32 roundings of the terms' magnitude)."""
     hidden, width = 32, 256
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, hidden, generator=gen)
+    x = torch.randn(2, hidden, generator=gen)
     up = torch.randn(width, hidden, generator=gen)
     down = torch.randn(hidden, width, generator=gen)
-    activation = _sparse_activation(3, width, seed=2)
+    activation = _sparse_activation(2, width, seed=2)
     active = activation.ne(0).any(0)
     assert 0 < active.sum() < MAX_ACTIVE_FRACTION * width
     dense = F.linear(activation * F.linear(x, up), down)
@@ -56,6 +63,42 @@ def test_mostly_active_batch_takes_the_dense_product():
     assert torch.equal(out, F.linear(activation * F.linear(x, up), down))
 
 
+def _int8_pair(hidden: int, width: int, seed: int) -> tuple[nn.Module, nn.Module]:
+    """int8 up [width, hidden] and down [hidden, width] layers."""
+    gen = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(width, hidden, generator=gen), torch.randn(hidden, width, generator=gen)
+    return Int8Linear.from_weight(up), Int8Linear.from_weight(down)
+
+
+def test_int8_sparse_product_reads_only_active_channels():
+    """int8 weights: the dense down weight is zeroed and the scales of inactive up rows are NaN, so any read of them
+    would show; the result stays finite and equals the float product of the dequantized weights within 1e-5 relative
+    (fp32: the same terms, summed in another order)."""
+    hidden, width = 64, 256
+    up, down = _int8_pair(hidden, width, seed=5)
+    x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(6))
+    activation = _sparse_activation(2, width, seed=7)
+    active = activation.ne(0).any(0)
+    assert 0 < active.sum() < MAX_ACTIVE_FRACTION * width
+    want = F.linear(activation * F.linear(x, up.dequantized()), down.dequantized())
+
+    up_q, up_scales, down_q, down_scales, down_q_t = sparse_decode_product(up, down).weights
+    up_scales = up_scales.clone()
+    up_scales[~active] = float("nan")
+    got = sparse_gated_down_int8(activation, x, up_q, up_scales, torch.zeros_like(down_q), down_scales, down_q_t)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_int8_mostly_active_batch_takes_the_dense_kernel():
+    """Past MAX_ACTIVE_FRACTION active channels: the layers' own int8 kernel, bit for bit."""
+    up, down = (layer.to(torch.bfloat16) for layer in _int8_pair(64, 128, seed=8))
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(9)).bfloat16()
+    activation = (torch.rand(4, 128, generator=torch.Generator().manual_seed(10)) + 0.1).bfloat16()
+    got = sparse_decode_product(up, down)(activation, x)
+    assert torch.equal(got, down(activation * up(x)))
+
+
 @pytest.fixture(scope="module")
 def sparse_checkpoint(tmp_path_factory):
     """Tiny reference checkpoint with activation sparsity 0.95 on layers 0 and 2 (as E2B's first layers)."""
@@ -65,17 +108,21 @@ def sparse_checkpoint(tmp_path_factory):
     return directory
 
 
-def test_cpu_load_turns_sparse_decode_on_for_sparse_float_layers_only(sparse_checkpoint):
-    model = gemma3n.load(sparse_checkpoint, dtype=torch.float32)
-    on = [layer.mlp.down_weight_t is not None for layer in model.language_model.layers]
-    assert on == [True, False, True, False, False, False]
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_cpu_load_turns_sparse_decode_on_for_sparse_float_and_int8_layers(sparse_checkpoint, mode):
+    model = gemma3n.load(sparse_checkpoint, dtype=torch.float32, quantize=mode)
+    on = [layer.mlp.sparse_decode is not None for layer in model.language_model.layers]
+    assert on == ([False] * 6 if mode == "int4" else [True, False, True, False, False, False])
+    if mode == "int4":  # group-wise int4 keeps its dense kernel
+        return
     mlp = model.language_model.layers[0].mlp
-    assert torch.equal(mlp.down_weight_t, mlp.down_proj.weight.t())
+    op, weights = mlp.sparse_decode.op, mlp.sparse_decode.weights
+    if mode is None:  # the transposed copy of down_proj
+        assert op is sparse_gated_down and torch.equal(weights[2], mlp.down_proj.weight.t())
+    else:
+        assert op is sparse_gated_down_int8 and torch.equal(weights[4], mlp.down_proj.qweight.t())
     assert model.language_model.enable_sparse_decode(False) == 0
-    assert all(layer.mlp.down_weight_t is None for layer in model.language_model.layers)
-
-    quantized = gemma3n.load(sparse_checkpoint, dtype=torch.float32, quantize="int8")
-    assert quantized.language_model.enable_sparse_decode() == 0  # quantized layers keep their own kernels
+    assert all(layer.mlp.sparse_decode is None for layer in model.language_model.layers)
 
 
 def _decode_logits(model, ids, mask, steps: int) -> list[torch.Tensor]:
@@ -95,17 +142,20 @@ def _decode_logits(model, ids, mask, steps: int) -> list[torch.Tensor]:
     return logits
 
 
-def test_sparse_decode_steps_match_dense_steps(sparse_checkpoint, monkeypatch):
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_sparse_decode_steps_match_dense_steps(sparse_checkpoint, mode, monkeypatch):
     """A left-padded batch: the sparse path runs in every decode step of both sparse layers (not in prefill), and
-    each step's logits match dense decoding within 1e-5 relative; prefill logits are the same bit for bit."""
-    model = gemma3n.load(sparse_checkpoint, dtype=torch.float32)
+    each step's logits match dense decoding within 1e-5 relative (float weights, or the same int8 weights);
+    prefill logits are the same bit for bit."""
+    model = gemma3n.load(sparse_checkpoint, dtype=torch.float32, quantize=mode)
     calls = []
+    product = SparseDecodeProduct.__call__
 
-    def counted(*args):
-        calls.append(tuple(args[0].shape))
-        return sparse_gated_down(*args)
+    def counted(self, activation, rows):
+        calls.append(tuple(activation.shape))
+        return product(self, activation, rows)
 
-    monkeypatch.setattr(layers, "sparse_gated_down", counted)
+    monkeypatch.setattr(SparseDecodeProduct, "__call__", counted)
     ids = torch.randint(3, 280, (2, 7), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0

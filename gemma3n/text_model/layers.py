@@ -18,7 +18,7 @@ from .gemma3n_attention import Gemma3nAttention
 from .kv_cache import AttentionContext
 from .linear import FEW_ROWS, Linear
 from .mlp import MLP
-from .sparse_decode import sparse_gated_down
+from .sparse_decode import SparseDecodeProduct, sparse_decode_product
 
 
 class SparseMLP(MLP):
@@ -33,8 +33,8 @@ class SparseMLP(MLP):
             p = torch.tensor(sparsity, dtype=torch.float32, device="cpu")
             self.z = (torch.erfinv(2 * p - 1) * math.sqrt(2)).item()
 
-        # transposed copy of down_proj.weight [intermediate, hidden] for sparse decode steps (see enable_sparse_decode)
-        self.down_weight_t: torch.Tensor | None = None
+        # the decode product over active channels only, with its weight copies (see enable_sparse_decode)
+        self.sparse_decode: SparseDecodeProduct | None = None
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
@@ -46,25 +46,19 @@ class SparseMLP(MLP):
 
     def enable_sparse_decode(self, enable: bool = True) -> bool:
         """Decode steps on a CPU (up to ``FEW_ROWS`` rows) read only the active channels' up and down weights
-        (:mod:`gemma3n.text_model.sparse_decode`); costs a transposed copy of ``down_proj.weight``. Returns whether
-        it is on: only for a sparse layer with plain float weights (not quantized) on the CPU."""
-        usable = (
-            self.sparsity > 0
-            and all(type(m) is Linear for m in (self.up_proj, self.down_proj))
-            and all(
-                m.weight.device.type == "cpu" and m.weight.is_floating_point() for m in (self.up_proj, self.down_proj)
-            )
-        )
-        self.down_weight_t = self.down_proj.weight.detach().t().contiguous() if enable and usable else None
-        return self.down_weight_t is not None
+        (:mod:`gemma3n.text_model.sparse_decode`); costs a transposed copy of ``down_proj``'s weight. Returns whether
+        it is on: only for a sparse layer on the CPU with float or int8 weights (int4 keeps its dense kernel)."""
+        self.sparse_decode = None  # drop the old copies before building new ones
+        if enable and self.sparsity > 0:
+            self.sparse_decode = sparse_decode_product(self.up_proj, self.down_proj)
+        return self.sparse_decode is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.down_weight_t is None or x.device.type != "cpu" or x.numel() > FEW_ROWS * x.shape[-1]:
+        if self.sparse_decode is None or x.device.type != "cpu" or x.numel() > FEW_ROWS * x.shape[-1]:
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1])  # [N, H]
         activation = F.gelu(self.gate(rows), approximate=self.approximate)  # [N, I], exact zeros where off
-        down = sparse_gated_down(activation, rows, self.up_proj.weight, self.down_proj.weight, self.down_weight_t)
-        return down.view(x.shape)
+        return self.sparse_decode(activation, rows).view(x.shape)
 
 
 class Laurel(nn.Module):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +15,58 @@ FEW_ROWS = 4  # products with up to this many rows (decode of small batches) tak
 # time is about 11 us), and a Gemma 3n decode step makes 180 such calls (LAuReL, per-layer gate and projection,
 # AltUp router): 12-19 ms of an E2B step.
 SMALL_WEIGHT_ELEMENTS = 1 << 19
+# Which kernel runs few-row bf16 products with a larger weight: "weight-major" or "linear"; unset: measured once.
+FEW_ROW_KERNEL_ENV = "GEMMA3N_BF16_FEW_ROW_KERNEL"
+_few_row_kernel: str | None = None  # the choice for this process, once made
+FUSED_ROW_ENV = "GEMMA3N_FUSED_ROW_PRODUCT"
+
+
+def few_row_bf16_kernel() -> str:
+    """The faster kernel on this CPU for few-row bf16 products with a large weight: "weight-major"
+    (:func:`weight_major_product`) or "linear" (``F.linear``).
+
+    oneDNN picks its kernels per CPU, and neither wins everywhere: on a Xeon with AMX the weight-major GEMM streamed
+    bf16 weights at 24.5 GB/s against 16.8 for ``F.linear``; on an AMD EPYC (Zen 4, no AMX) it was 9.9 against 20.1.
+    So the first call times both on one 64 MB weight (tens of ms) and keeps the faster, unless ``GEMMA3N_BF16_FEW_
+    ROW_KERNEL`` names one. ``F.linear`` is kept unless weight-major is clearly faster (10%): it is the reference's
+    own kernel."""
+    global _few_row_kernel
+    if _few_row_kernel is None:
+        _few_row_kernel = _choose_few_row_kernel()
+    return _few_row_kernel
+
+
+@torch.compiler.disable
+def _choose_few_row_kernel() -> str:
+    choice = os.environ.get(FEW_ROW_KERNEL_ENV)
+    if choice:
+        if choice not in ("weight-major", "linear"):
+            raise ValueError(f"{FEW_ROW_KERNEL_ENV}={choice!r}: use 'weight-major' or 'linear'")
+        return choice
+    with torch.inference_mode():
+        weight = torch.full((8192, 4096), 0.01, dtype=torch.bfloat16)  # 64 MB: read from memory, not a cache
+        row = torch.full((1, 4096), 0.01, dtype=torch.bfloat16)
+        kernels = {"weight-major": lambda: weight_major_product(row, weight), "linear": lambda: F.linear(row, weight)}
+        best = dict.fromkeys(kernels, float("inf"))
+        for _ in range(3):  # interleaved, best of three: the machine's noise hits both alike
+            for name, kernel in kernels.items():
+                start = time.perf_counter()
+                kernel()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return "weight-major" if best["weight-major"] < 0.9 * best["linear"] else "linear"
+
+
+def use_weight_major(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes through :func:`weight_major_product`: few bf16 rows on a CPU, a weight larger
+    than ``SMALL_WEIGHT_ELEMENTS``, and weight-major the faster kernel here (:func:`few_row_bf16_kernel`)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.numel() <= FEW_ROWS * x.shape[-1]
+        and weight.numel() > SMALL_WEIGHT_ELEMENTS
+        and few_row_bf16_kernel() == "weight-major"
+    )
 
 
 def weight_major_columns(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -35,9 +90,56 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def traced_small_product(rows: int, weight: torch.Tensor) -> bool:
-    """Whether a product of ``rows`` rows with ``weight`` goes through :func:`fused_small_product`: few rows, a weight
-    of at most ``SMALL_WEIGHT_ELEMENTS``, and torch.compile tracing (eager keeps its BLAS call)."""
-    return rows <= FEW_ROWS and weight.numel() <= SMALL_WEIGHT_ELEMENTS and torch.compiler.is_compiling()
+    """Whether a product of ``rows`` rows with ``weight`` goes through :func:`fused_small_product` while torch.compile
+    traces (eager keeps its BLAS call): few rows and a weight of at most ``SMALL_WEIGHT_ELEMENTS``; or one row and
+    a bf16 weight of any size, where inductor's reduction streams it faster than BLAS
+    (:func:`measure_fused_row_product`)."""
+    if rows > FEW_ROWS or not torch.compiler.is_compiling():
+        return False
+    if weight.numel() <= SMALL_WEIGHT_ELEMENTS:
+        return True
+    return rows == 1 and weight.dtype == torch.bfloat16 and _fused_row_product is True
+
+
+_fused_row_product: bool | None = None  # whether one-row bf16 products of large weights are traced fused
+
+
+@torch.compiler.disable
+def measure_fused_row_product() -> bool:
+    """Whether, in compiled decode steps of one row, bf16 products of large weights are traced as
+    :func:`fused_small_product` too; decided once per process (``GEMMA3N_FUSED_ROW_PRODUCT=1`` or ``0`` decides it).
+
+    inductor compiles that multiply-and-sum into one vectorised reduction over each weight row. On an AMD EPYC (Zen 4)
+    it streamed bf16 weights at 33-35 GB/s (the copy bandwidth) where oneDNN's best kernel reached 20-21; for 4 rows
+    it fell to 6-11 GB/s, so it is used for one row only. Elsewhere BLAS may win, so this compiles the reduction for
+    one 64 MB weight (seconds, then from inductor's disk cache) and times it against this CPU's few-row kernel."""
+    global _fused_row_product
+    if _fused_row_product is None:
+        setting = os.environ.get(FUSED_ROW_ENV)
+        if setting:
+            if setting not in ("0", "1"):
+                raise ValueError(f"{FUSED_ROW_ENV}={setting!r}: use 1 (fused) or 0 (BLAS)")
+            _fused_row_product = setting == "1"
+        else:
+            _fused_row_product = _fused_row_is_faster()
+    return _fused_row_product
+
+
+def _fused_row_is_faster() -> bool:
+    with torch.inference_mode():
+        weight = torch.full((8192, 4096), 0.01, dtype=torch.bfloat16)  # 64 MB: read from memory, not a cache
+        row = torch.full((1, 4096), 0.01, dtype=torch.bfloat16)
+        fused = torch.compile(fused_small_product, dynamic=False)
+        kernels = {"fused": lambda: fused(row, weight), "blas": lambda: linear_product(row, weight)}
+        best = dict.fromkeys(kernels, float("inf"))
+        for kernel in kernels.values():
+            kernel()  # compile; first-call set-up
+        for _ in range(3):
+            for name, kernel in kernels.items():
+                start = time.perf_counter()
+                kernel()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["fused"] < 0.9 * best["blas"]
 
 
 def fused_small_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -47,12 +149,12 @@ def fused_small_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; for few rows on a CPU, through :func:`weight_major_product` (bf16) or, when traced by
-    torch.compile with a small weight, :func:`fused_small_product`."""
+    """``F.linear``; for few rows on a CPU, through :func:`fused_small_product` (a small weight, traced by
+    torch.compile) or :func:`weight_major_product` (bf16, where that kernel is the faster: :func:`use_weight_major`)."""
     if x.device.type == "cpu" and bias is None and x.numel() <= FEW_ROWS * x.shape[-1]:
         if traced_small_product(x.numel() // x.shape[-1], weight):
             return fused_small_product(x, weight)
-        if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
+        if use_weight_major(x, weight):
             return weight_major_product(x, weight)
     return F.linear(x, weight, bias)
 
