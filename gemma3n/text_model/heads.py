@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import fused_small_product, traced_small_product, use_weight_major, weight_major_columns
+from .linear import use_weight_major, weight_major_columns
 
 
 @dataclass
@@ -27,8 +27,6 @@ def lm_head_logits(
     rows = hidden.numel() // hidden.shape[-1]
     if lm_head is not None:  # a separate head (untied, or the quantized copy from gemma3n.quantize)
         logits = lm_head(hidden)
-    elif hidden.device.type == "cpu" and traced_small_product(rows, table):
-        logits = fused_small_product(hidden, table)  # a compiled one-row step, where that streams the table fastest
     elif use_weight_major(hidden, table):
         # Where oneDNN runs F.linear's bf16 shape (few rows against the 262k-row table) as a slow matrix-vector
         # product (Xeons with AMX), table @ rows^T streams the table at memory bandwidth: 1.6x (1 row) to 4x (4 rows)
