@@ -24,7 +24,6 @@ def lm_head_logits(
 ) -> torch.Tensor:
     """Logits [B, T, vocab] from hidden [B, T, H] through ``lm_head`` or, when None, the tied table [vocab, H];
     then ``softcap * tanh(logits / softcap)`` when a final soft-cap is set."""
-    rows = hidden.numel() // hidden.shape[-1]
     if lm_head is not None:  # a separate head (untied, or the quantized copy from gemma3n.quantize)
         logits = lm_head(hidden)
     elif use_weight_major(hidden, table):
@@ -37,6 +36,7 @@ def lm_head_logits(
         columns = weight_major_columns(hidden, table)  # [vocab, m]
         if softcap is not None:
             columns = soft_cap_(columns, softcap)
+        rows = hidden.numel() // hidden.shape[-1]
         return columns[:, :rows].T.reshape(*hidden.shape[:-1], table.shape[0])
     else:
         logits = F.linear(hidden, table.to(hidden.device))
