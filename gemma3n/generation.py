@@ -19,7 +19,7 @@ import torch
 
 from .cuda_graphs import CudaGraphDecodeStep, cuda_graphs_supported
 from .text_model import KVCache
-from .text_model.linear import few_row_bf16_kernel
+from .text_model.linear import few_row_bf16_kernel, measure_fused_row_product
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -201,8 +201,9 @@ def compiled_decode_step(model: Any) -> Callable[..., torch.Tensor]:
     """
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
-        if next(model.parameters()).device.type == "cpu":
-            few_row_bf16_kernel()  # measured now if at all, not while the step is traced
+        if next(model.parameters()).device.type == "cpu":  # measured now if at all, not while the step is traced
+            few_row_bf16_kernel()
+            measure_fused_row_product()
         step = torch.compile(decode_step, dynamic=False, options={"emulate_precision_casts": True})
         model._compiled_decode_step = step
     return step

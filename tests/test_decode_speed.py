@@ -158,11 +158,18 @@ class _GraphRecorder:
 _BLAS_CALLS = {torch._C._nn.linear, torch.matmul, operator.matmul, torch.ops.aten.mm.default, torch._weight_int8pack_mm}
 
 
-@pytest.mark.parametrize("small", [True, False], ids=["small-weight", "large-weight"])
-def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(small, monkeypatch):
+@pytest.mark.parametrize(
+    ("small", "fused_rows", "rows", "fused"),
+    [(True, False, 1, True), (False, False, 1, False), (False, True, 1, True), (False, True, 2, False)],
+    ids=["small-weight", "large-weight", "large-weight-fused-row", "large-weight-two-rows"],
+)
+def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(
+    small, fused_rows, rows, fused, monkeypatch
+):
     """Traced by torch.compile, a few-row product with a small weight is a float32 multiply-and-sum (inductor fuses
     it; a BLAS call costs ~35 us however small the weight), rounded once to bf16: within the float32 product's
-    bounds of the test above. A weight over the size limit keeps its BLAS call."""
+    bounds of the test above. A weight over the size limit keeps its BLAS call, unless this CPU streams one-row
+    products faster fused (``measure_fused_row_product``), and then for one row only."""
     from gemma3n.text_model import linear
 
     gen = torch.Generator().manual_seed(1)
@@ -170,18 +177,64 @@ def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(
     with torch.no_grad():
         layer.weight.copy_(torch.randn(200, 96, generator=gen))
     monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 200 * 96 if small else 200 * 96 - 1)
-    monkeypatch.setattr(linear, "_few_row_kernel", "linear")  # decided before tracing, as compiled steps do
-    x = torch.randn(1, 1, 96, generator=gen).to(torch.bfloat16)
+    monkeypatch.setattr(linear, "_fused_row_product", fused_rows)
+    monkeypatch.setattr(linear, "_few_row_kernel", "linear")
+    x = torch.randn(rows, 1, 96, generator=gen).to(torch.bfloat16)
     recorder = _GraphRecorder()
     torch._dynamo.reset()
     with torch.inference_mode():
         got = torch.compile(layer, backend=recorder, fullgraph=True)(x)
     torch._dynamo.reset()
-    assert bool(_BLAS_CALLS & set(recorder.targets)) is not small, recorder.targets
+    assert bool(_BLAS_CALLS & set(recorder.targets)) is not fused, recorder.targets
     want = x.float() @ layer.weight.float().T
     accumulation = 96 * 2**-24 * (x.float().abs() @ layer.weight.float().abs().T)
-    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 200)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 1, 200)
     assert ((got.float() - want).abs() <= 2**-8 * (want.abs() + accumulation) + accumulation).all()
+
+
+def test_compiled_one_row_lm_head_is_fused_where_that_is_faster(monkeypatch):
+    """With fused one-row products on, a compiled one-token LM head makes no BLAS call; its soft-capped logits are
+    the float32 product within one bf16 rounding plus the accumulation bound, then capped (tanh is 1-Lipschitz, so
+    the cap does not grow the error), all within [-cap, cap]."""
+    from gemma3n.text_model import linear
+    from gemma3n.text_model.heads import lm_head_logits
+
+    monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(linear, "_fused_row_product", True)
+    monkeypatch.setattr(linear, "_few_row_kernel", "linear")
+    gen = torch.Generator().manual_seed(6)
+    table = torch.randn(300, 64, generator=gen).to(torch.bfloat16)
+    hidden = torch.randn(1, 1, 64, generator=gen).to(torch.bfloat16)
+    recorder = _GraphRecorder()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        got = torch.compile(lm_head_logits, backend=recorder, fullgraph=True)(hidden, table, None, 2.0)
+    torch._dynamo.reset()
+    assert not _BLAS_CALLS & set(recorder.targets), recorder.targets
+    product = hidden.float() @ table.float().T
+    accumulation = 64 * 2**-24 * (hidden.float().abs() @ table.float().abs().T)
+    bound = 2**-8 * (product.abs() + accumulation) + accumulation + 2**-8 * 2.0  # and the capped value's rounding
+    want = 2.0 * torch.tanh(product / 2.0)
+    assert got.shape == (1, 1, 300) and ((got.float() - want).abs() <= bound).all()
+    assert got.abs().max() <= 2.0
+
+
+def test_fused_row_choice_is_measured_once_or_set(monkeypatch):
+    """``GEMMA3N_FUSED_ROW_PRODUCT`` decides (1 / 0), a wrong value is a clear error, and unset the choice is measured
+    (a real compile and timing here) and kept for the process."""
+    from gemma3n.text_model import linear
+
+    for setting, expected in (("1", True), ("0", False)):
+        monkeypatch.setattr(linear, "_fused_row_product", None)
+        monkeypatch.setenv(linear.FUSED_ROW_ENV, setting)
+        assert linear.measure_fused_row_product() is expected
+    monkeypatch.setattr(linear, "_fused_row_product", None)
+    monkeypatch.setenv(linear.FUSED_ROW_ENV, "yes")
+    with pytest.raises(ValueError, match="GEMMA3N_FUSED_ROW_PRODUCT='yes'"):
+        linear.measure_fused_row_product()
+    monkeypatch.delenv(linear.FUSED_ROW_ENV)
+    measured = linear.measure_fused_row_product()
+    assert isinstance(measured, bool) and linear._fused_row_product is measured
 
 
 def test_compiled_int8_product_of_a_small_weight_is_a_fused_multiply_and_sum():

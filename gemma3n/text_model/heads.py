@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import use_weight_major, weight_major_columns
+from .linear import fused_small_product, traced_small_product, use_weight_major, weight_major_columns
 
 
 @dataclass
@@ -24,8 +24,11 @@ def lm_head_logits(
 ) -> torch.Tensor:
     """Logits [B, T, vocab] from hidden [B, T, H] through ``lm_head`` or, when None, the tied table [vocab, H];
     then ``softcap * tanh(logits / softcap)`` when a final soft-cap is set."""
+    rows = hidden.numel() // hidden.shape[-1]
     if lm_head is not None:  # a separate head (untied, or the quantized copy from gemma3n.quantize)
         logits = lm_head(hidden)
+    elif hidden.device.type == "cpu" and traced_small_product(rows, table):
+        logits = fused_small_product(hidden, table)  # a compiled one-row step, where that streams the table fastest
     elif use_weight_major(hidden, table):
         # Where oneDNN runs F.linear's bf16 shape (few rows against the 262k-row table) as a slow matrix-vector
         # product (Xeons with AMX), table @ rows^T streams the table at memory bandwidth: 1.6x (1 row) to 4x (4 rows)
@@ -36,7 +39,6 @@ def lm_head_logits(
         columns = weight_major_columns(hidden, table)  # [vocab, m]
         if softcap is not None:
             columns = soft_cap_(columns, softcap)
-        rows = hidden.numel() // hidden.shape[-1]
         return columns[:, :rows].T.reshape(*hidden.shape[:-1], table.shape[0])
     else:
         logits = F.linear(hidden, table.to(hidden.device))

@@ -18,6 +18,7 @@ SMALL_WEIGHT_ELEMENTS = 1 << 19
 # Which kernel runs few-row bf16 products with a larger weight: "weight-major" or "linear"; unset: measured once.
 FEW_ROW_KERNEL_ENV = "GEMMA3N_BF16_FEW_ROW_KERNEL"
 _few_row_kernel: str | None = None  # the choice for this process, once made
+FUSED_ROW_ENV = "GEMMA3N_FUSED_ROW_PRODUCT"
 
 
 def few_row_bf16_kernel() -> str:
@@ -89,19 +90,80 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def traced_small_product(rows: int, weight: torch.Tensor) -> bool:
-    """Whether a product of ``rows`` rows with ``weight`` goes through :func:`fused_small_product`: few rows, a weight
-    of at most ``SMALL_WEIGHT_ELEMENTS``, and torch.compile tracing (eager keeps its BLAS call).
+    """Whether a product of ``rows`` rows with ``weight`` goes through :func:`fused_small_product` while torch.compile
+    traces (eager keeps its BLAS call): few rows and a weight of at most ``SMALL_WEIGHT_ELEMENTS``; or one row and
+    a bf16 weight of any size, where inductor's reduction streams it faster than BLAS
+    (:func:`measure_fused_row_product`)."""
+    if rows > FEW_ROWS or not torch.compiler.is_compiling():
+        return False
+    if weight.numel() <= SMALL_WEIGHT_ELEMENTS:
+        return True
+    return rows == 1 and weight.dtype == torch.bfloat16 and _fused_row_product is True
 
-    Larger weights keep BLAS: on an AMD EPYC (Zen 4), inductor's fused reduction alone streamed a one-row product's
-    bf16 weight at 33-35 GB/s against 20-22 for ``F.linear``, but with every large product of the E2B decode step
-    traced that way the compiled step took 549 ms against 330 ms."""
-    return rows <= FEW_ROWS and weight.numel() <= SMALL_WEIGHT_ELEMENTS and torch.compiler.is_compiling()
+
+_fused_row_product: bool | None = None  # whether one-row bf16 products of large weights are traced fused
+
+
+@torch.compiler.disable
+def measure_fused_row_product() -> bool:
+    """Whether, in compiled decode steps of one row, bf16 products of large weights are traced as
+    :func:`fused_small_product` too; decided once per process (``GEMMA3N_FUSED_ROW_PRODUCT=1`` or ``0`` decides it).
+
+    inductor compiles that multiply-and-sum into one vectorised reduction over each weight row. On an AMD EPYC (Zen 4)
+    it streamed bf16 weights at 33-35 GB/s (the copy bandwidth) where oneDNN's best kernel reached 20-21, and the
+    compiled E2B step took 226 ms against 273-330 with BLAS; for 4 rows it fell to 6-11 GB/s, so it is used for one
+    row only. Elsewhere BLAS may win, so this compiles the reduction for
+    one 64 MB weight (seconds, then from inductor's disk cache) and times it against this CPU's few-row kernel."""
+    global _fused_row_product
+    if _fused_row_product is None:
+        setting = os.environ.get(FUSED_ROW_ENV)
+        if setting:
+            if setting not in ("0", "1"):
+                raise ValueError(f"{FUSED_ROW_ENV}={setting!r}: use 1 (fused) or 0 (BLAS)")
+            _fused_row_product = setting == "1"
+        else:
+            _fused_row_product = _fused_row_is_faster()
+    return _fused_row_product
+
+
+def _fused_row_is_faster() -> bool:
+    with torch.inference_mode():
+        weight = torch.full((8192, 4096), 0.01, dtype=torch.bfloat16)  # 64 MB: read from memory, not a cache
+        row = torch.full((1, 4096), 0.01, dtype=torch.bfloat16)
+        fused = torch.compile(fused_small_product, dynamic=False)
+        kernels = {"fused": lambda: fused(row, weight), "blas": lambda: linear_product(row, weight)}
+        best = dict.fromkeys(kernels, float("inf"))
+        for kernel in kernels.values():
+            kernel()  # compile; first-call set-up
+        for _ in range(3):
+            for name, kernel in kernels.items():
+                start = time.perf_counter()
+                kernel()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["fused"] < 0.9 * best["blas"]
 
 
 def fused_small_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` [..., out] as a float32 multiply-and-sum, rounded once to x's dtype (as a BLAS product
-    rounds); meant for tracing: inductor fuses it into one reduction loop, never materialising [..., out, in]."""
+    rounds); meant for tracing: inductor fuses it into one reduction loop, never materialising [..., out, in].
+
+    For a large weight, x is first copied by an opaque op (:func:`materialized`): otherwise inductor may inline the
+    ops that produce x (an RMSNorm, with its mean) into the loop over the weight's rows and redo them for every row.
+    In the E2B step that made such a product read its weight at about 5 GB/s instead of 30."""
+    if weight.numel() > SMALL_WEIGHT_ELEMENTS and torch.compiler.is_compiling():
+        x = materialized(x)
     return (x.float().unsqueeze(-2) * weight.float()).sum(-1).to(x.dtype)
+
+
+@torch.library.custom_op("gemma3n::materialized", mutates_args=())
+def materialized(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x that torch.compile cannot see through: the compiled graph computes x into a buffer of its own."""
+    return x.clone()
+
+
+@materialized.register_fake
+def _(x):
+    return torch.empty_like(x)
 
 
 def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
