@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEW_ROWS = 4  # products with up to this many rows (decode of small batches) take the weight-major path
+FEW_ROWS = 4  # products with up to this many rows (decode of small batches) take the few-row paths below
 # Under torch.compile, few-row products with weights up to this size (1 MB in bf16) are traced as a multiply-and-sum
 # that inductor fuses with the ops around it: a BLAS call costs about 35 us however small the weight (oneDNN's own
 # time is about 11 us), and a Gemma 3n decode step makes 180 such calls (LAuReL, per-layer gate and projection,
@@ -43,17 +44,31 @@ def _choose_few_row_kernel() -> str:
         if choice not in ("weight-major", "linear"):
             raise ValueError(f"{FEW_ROW_KERNEL_ENV}={choice!r}: use 'weight-major' or 'linear'")
         return choice
+    row, weight = _probe_operands()
+    best = _best_seconds(
+        {"weight-major": lambda: weight_major_product(row, weight), "linear": lambda: F.linear(row, weight)}
+    )
+    return "weight-major" if best["weight-major"] < 0.9 * best["linear"] else "linear"
+
+
+def _probe_operands() -> tuple[torch.Tensor, torch.Tensor]:
+    """One bf16 row [1, 4096] and a 64 MB bf16 weight [8192, 4096] (read from memory, not from a cache)."""
+    return torch.full((1, 4096), 0.01, dtype=torch.bfloat16), torch.full((8192, 4096), 0.01, dtype=torch.bfloat16)
+
+
+def _best_seconds(kernels: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Per kernel, its best time of three runs, after one untimed run (set-up, compilation); the kernels take turns,
+    so the machine's noise hits them alike."""
+    best = dict.fromkeys(kernels, float("inf"))
     with torch.inference_mode():
-        weight = torch.full((8192, 4096), 0.01, dtype=torch.bfloat16)  # 64 MB: read from memory, not a cache
-        row = torch.full((1, 4096), 0.01, dtype=torch.bfloat16)
-        kernels = {"weight-major": lambda: weight_major_product(row, weight), "linear": lambda: F.linear(row, weight)}
-        best = dict.fromkeys(kernels, float("inf"))
-        for _ in range(3):  # interleaved, best of three: the machine's noise hits both alike
+        for kernel in kernels.values():
+            kernel()
+        for _ in range(3):
             for name, kernel in kernels.items():
                 start = time.perf_counter()
                 kernel()
                 best[name] = min(best[name], time.perf_counter() - start)
-    return "weight-major" if best["weight-major"] < 0.9 * best["linear"] else "linear"
+    return best
 
 
 def use_weight_major(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -112,8 +127,8 @@ def measure_fused_row_product() -> bool:
     inductor compiles that multiply-and-sum into one vectorised reduction over each weight row. On an AMD EPYC (Zen 4)
     it streamed bf16 weights at 33-35 GB/s (the copy bandwidth) where oneDNN's best kernel reached 20-21, and the
     compiled E2B step took 226 ms against 273-330 with BLAS; for 4 rows it fell to 6-11 GB/s, so it is used for one
-    row only. Elsewhere BLAS may win, so this compiles the reduction for
-    one 64 MB weight (seconds, then from inductor's disk cache) and times it against this CPU's few-row kernel."""
+    row only. Elsewhere BLAS may win, so this compiles the reduction for one 64 MB weight (seconds, then from
+    inductor's disk cache) and times it against this CPU's few-row kernel."""
     global _fused_row_product
     if _fused_row_product is None:
         setting = os.environ.get(FUSED_ROW_ENV)
@@ -127,19 +142,9 @@ def measure_fused_row_product() -> bool:
 
 
 def _fused_row_is_faster() -> bool:
-    with torch.inference_mode():
-        weight = torch.full((8192, 4096), 0.01, dtype=torch.bfloat16)  # 64 MB: read from memory, not a cache
-        row = torch.full((1, 4096), 0.01, dtype=torch.bfloat16)
-        fused = torch.compile(fused_small_product, dynamic=False)
-        kernels = {"fused": lambda: fused(row, weight), "blas": lambda: linear_product(row, weight)}
-        best = dict.fromkeys(kernels, float("inf"))
-        for kernel in kernels.values():
-            kernel()  # compile; first-call set-up
-        for _ in range(3):
-            for name, kernel in kernels.items():
-                start = time.perf_counter()
-                kernel()
-                best[name] = min(best[name], time.perf_counter() - start)
+    row, weight = _probe_operands()
+    fused = torch.compile(fused_small_product, dynamic=False)
+    best = _best_seconds({"fused": lambda: fused(row, weight), "blas": lambda: linear_product(row, weight)})
     return best["fused"] < 0.9 * best["blas"]
 
 
