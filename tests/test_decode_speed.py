@@ -177,7 +177,7 @@ def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(
     with torch.no_grad():
         layer.weight.copy_(torch.randn(200, 96, generator=gen))
     monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 200 * 96 if small else 200 * 96 - 1)
-    monkeypatch.setattr(linear, "_fused_row_product", fused_rows)
+    monkeypatch.setattr(linear, "_fused_row_product", {torch.bfloat16: fused_rows})
     monkeypatch.setattr(linear, "_few_row_kernel", "linear")
     x = torch.randn(rows, 1, 96, generator=gen).to(torch.bfloat16)
     recorder = _GraphRecorder()
@@ -200,7 +200,7 @@ def test_compiled_one_row_lm_head_is_fused_where_that_is_faster(monkeypatch):
     from gemma3n.text_model.heads import lm_head_logits
 
     monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
-    monkeypatch.setattr(linear, "_fused_row_product", True)
+    monkeypatch.setattr(linear, "_fused_row_product", {torch.bfloat16: True})
     monkeypatch.setattr(linear, "_few_row_kernel", "linear")
     gen = torch.Generator().manual_seed(6)
     table = torch.randn(300, 64, generator=gen).to(torch.bfloat16)
@@ -220,21 +220,47 @@ def test_compiled_one_row_lm_head_is_fused_where_that_is_faster(monkeypatch):
 
 
 def test_fused_row_choice_is_measured_once_or_set(monkeypatch):
-    """``GEMMA3N_FUSED_ROW_PRODUCT`` decides (1 / 0), a wrong value is a clear error, and unset the choice is measured
-    (a real compile and timing here) and kept for the process."""
+    """``GEMMA3N_FUSED_ROW_PRODUCT`` decides for bf16 and int8 (1 / 0), a wrong value is a clear error, and unset the
+    choice is measured per dtype (real compiles and timings here) and kept for the process."""
     from gemma3n.text_model import linear
 
     for setting, expected in (("1", True), ("0", False)):
         monkeypatch.setattr(linear, "_fused_row_product", None)
         monkeypatch.setenv(linear.FUSED_ROW_ENV, setting)
-        assert linear.measure_fused_row_product() is expected
+        assert linear.measure_fused_row_product() == {torch.bfloat16: expected, torch.int8: expected}
     monkeypatch.setattr(linear, "_fused_row_product", None)
     monkeypatch.setenv(linear.FUSED_ROW_ENV, "yes")
     with pytest.raises(ValueError, match="GEMMA3N_FUSED_ROW_PRODUCT='yes'"):
         linear.measure_fused_row_product()
     monkeypatch.delenv(linear.FUSED_ROW_ENV)
     measured = linear.measure_fused_row_product()
-    assert isinstance(measured, bool) and linear._fused_row_product is measured
+    assert set(measured) == {torch.bfloat16, torch.int8} and all(isinstance(v, bool) for v in measured.values())
+    assert linear.measure_fused_row_product() is measured
+
+
+@pytest.mark.parametrize("in_features", [128, 256], ids=["short-rows", "rows-over-the-int8-limit"])
+def test_compiled_one_row_int8_product_of_a_large_weight(in_features, monkeypatch):
+    """With fused one-row int8 products on, a large int8 weight with rows up to FUSED_INT8_MAX_INPUTS is traced as
+    the fused multiply-and-sum (no int8 kernel call), longer rows keep the kernel; both give the kernel's result up to
+    float32 summation order, then one bf16 rounding."""
+    from gemma3n.quantize import Int8Linear
+    from gemma3n.text_model import linear
+
+    monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(linear, "FUSED_INT8_MAX_INPUTS", 128)
+    monkeypatch.setattr(linear, "_fused_row_product", {torch.int8: True})
+    gen = torch.Generator().manual_seed(7)
+    layer = Int8Linear.from_weight(torch.randn(64, in_features, generator=gen).to(torch.bfloat16))
+    x = torch.randn(1, in_features, generator=gen).to(torch.bfloat16)
+    recorder = _GraphRecorder()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        got = torch.compile(layer, backend=recorder, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert (torch._weight_int8pack_mm in recorder.targets) is (in_features > 128), recorder.targets
+    exact = (x.float() @ layer.qweight.float().T) * layer.scales.float()
+    accumulation = 2 * in_features * 2**-24 * (x.float().abs() @ layer.qweight.float().abs().T) * layer.scales.float()
+    assert ((got.float() - exact).abs() <= 2**-8 * (exact.abs() + accumulation) + accumulation).all()
 
 
 def test_compiled_int8_product_of_a_small_weight_is_a_fused_multiply_and_sum():

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantized_kernels import int8_product
+
 FEW_ROWS = 4  # products with up to this many rows (decode of small batches) take the few-row paths below
 # Under torch.compile, few-row products with weights up to this size (1 MB in bf16) are traced as a multiply-and-sum
 # that inductor fuses with the ops around it: a BLAS call costs about 35 us however small the weight (oneDNN's own
@@ -107,37 +109,46 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def traced_small_product(rows: int, weight: torch.Tensor) -> bool:
     """Whether a product of ``rows`` rows with ``weight`` goes through :func:`fused_small_product` while torch.compile
     traces (eager keeps its BLAS call): few rows and a weight of at most ``SMALL_WEIGHT_ELEMENTS``; or one row and
-    a bf16 weight of any size, where inductor's reduction streams it faster than BLAS
-    (:func:`measure_fused_row_product`)."""
+    a bf16 or int8 weight of any size, where inductor's reduction streams it faster than the kernel
+    (:func:`measure_fused_row_product`; int8 only up to ``FUSED_INT8_MAX_INPUTS`` inputs)."""
     if rows > FEW_ROWS or not torch.compiler.is_compiling():
         return False
     if weight.numel() <= SMALL_WEIGHT_ELEMENTS:
         return True
-    return rows == 1 and weight.dtype == torch.bfloat16 and _fused_row_product is True
+    if rows != 1 or _fused_row_product is None:
+        return False
+    if weight.dtype == torch.int8 and weight.shape[1] > FUSED_INT8_MAX_INPUTS:
+        return False
+    return _fused_row_product.get(weight.dtype, False)
 
 
-_fused_row_product: bool | None = None  # whether one-row bf16 products of large weights are traced fused
+# Fused one-row int8 products with longer rows were slower than the int8 kernel: 9.7 against 29 GB/s on [2048, 8192]
+# on the AMD EPYC (22.6 against 20.0 on [8192, 2048], 23.8 against 19.2 on the LM head).
+FUSED_INT8_MAX_INPUTS = 2048
+_fused_row_product: dict[torch.dtype, bool] | None = None  # per weight dtype: one-row large products traced fused
 
 
 @torch.compiler.disable
-def measure_fused_row_product() -> bool:
-    """Whether, in compiled decode steps of one row, bf16 products of large weights are traced as
-    :func:`fused_small_product` too; decided once per process (``GEMMA3N_FUSED_ROW_PRODUCT=1`` or ``0`` decides it).
+def measure_fused_row_product() -> dict[torch.dtype, bool]:
+    """Whether, in compiled decode steps of one row, products of large bf16 and int8 weights are traced as
+    :func:`fused_small_product` too (per dtype); decided once per process (``GEMMA3N_FUSED_ROW_PRODUCT=1`` or ``0``
+    decides both).
 
     inductor compiles that multiply-and-sum into one vectorised reduction over each weight row. On an AMD EPYC (Zen 4)
     it streamed bf16 weights at 33-35 GB/s (the copy bandwidth) where oneDNN's best kernel reached 20-21, and the
-    compiled E2B step took 226 ms against 273-330 with BLAS; for 4 rows it fell to 6-11 GB/s, so it is used for one
-    row only. Elsewhere BLAS may win, so this compiles the reduction for one 64 MB weight (seconds, then from
-    inductor's disk cache) and times it against this CPU's few-row kernel."""
+    compiled E2B step took 226 ms against 273-330 with BLAS; int8 E2B steps took 103-108 ms against 132-134 with
+    torch's int8 kernel. For 4 rows it fell to 6-11 GB/s, so it is used for one row only. Elsewhere the kernels may
+    win, so this compiles the reduction for one 64 MB bf16 weight and one 64 MB int8 weight (seconds, then from
+    inductor's disk cache) and times each against this CPU's kernel."""
     global _fused_row_product
     if _fused_row_product is None:
         setting = os.environ.get(FUSED_ROW_ENV)
         if setting:
             if setting not in ("0", "1"):
                 raise ValueError(f"{FUSED_ROW_ENV}={setting!r}: use 1 (fused) or 0 (BLAS)")
-            _fused_row_product = setting == "1"
+            _fused_row_product = dict.fromkeys((torch.bfloat16, torch.int8), setting == "1")
         else:
-            _fused_row_product = _fused_row_is_faster()
+            _fused_row_product = {torch.bfloat16: _fused_row_is_faster(), torch.int8: _fused_int8_row_is_faster()}
     return _fused_row_product
 
 
@@ -146,6 +157,21 @@ def _fused_row_is_faster() -> bool:
     fused = torch.compile(fused_small_product, dynamic=False)
     best = _best_seconds({"fused": lambda: fused(row, weight), "blas": lambda: linear_product(row, weight)})
     return best["fused"] < 0.9 * best["blas"]
+
+
+def _fused_int8_product(row: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return (fused_small_product(row.float(), qweight) * scales.float()).to(row.dtype)
+
+
+def _fused_int8_row_is_faster() -> bool:
+    row = torch.full((1, FUSED_INT8_MAX_INPUTS), 0.01, dtype=torch.bfloat16)
+    qweight = torch.ones(32768, FUSED_INT8_MAX_INPUTS, dtype=torch.int8)  # 64 MB: read from memory
+    scales = torch.full((32768,), 0.01, dtype=torch.bfloat16)
+    fused = torch.compile(_fused_int8_product, dynamic=False)
+    best = _best_seconds(
+        {"fused": lambda: fused(row, qweight, scales), "kernel": lambda: int8_product(row, qweight, scales)}
+    )
+    return best["fused"] < 0.9 * best["kernel"]
 
 
 def fused_small_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
