@@ -7,6 +7,7 @@ Flat functions in the gpt-fast spirit: ``prefill`` fills the preallocated cache 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import numbers
@@ -202,8 +203,11 @@ def compiled_decode_step(model: Any) -> Callable[..., torch.Tensor]:
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
         if next(model.parameters()).device.type == "cpu":  # measured now if at all, not while the step is traced
-            few_row_bf16_kernel()
-            measure_fused_row_product()
+            dtypes = {t.dtype for t in itertools.chain(model.parameters(), model.buffers())}
+            if torch.bfloat16 in dtypes:  # the probes only serve bf16 and int8 weights (fp32 models skip them)
+                few_row_bf16_kernel()
+            if dtypes & {torch.bfloat16, torch.int8}:
+                measure_fused_row_product()
         step = torch.compile(decode_step, dynamic=False, options={"emulate_precision_casts": True})
         model._compiled_decode_step = step
     return step

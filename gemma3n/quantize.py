@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .mapped_pages import file_mappings, release_mapped_pages
 from .quantized_kernels import int4_product, int8_product
-from .text_model.linear import fused_small_product, traced_small_product
+from .text_model.linear import fused_int8_product, traced_small_product
 
 QUANTIZE_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP_SIZE = 64
@@ -240,9 +240,8 @@ class Int8Linear(nn.Module):
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
             return int8_prefill_linear(x, self.qweight, self.scales)
         if traced_small_product(rows.shape[0], self.qweight):
-            # a small weight as a fused multiply-and-sum (see gemma3n.text_model.linear); float32 rows keep the sum
-            # unrounded until it is scaled, as the int8 kernel does
-            out = (fused_small_product(rows.float(), self.qweight) * scales.float()).to(x.dtype)
+            # a small (or, for one row, fast-fused) weight as a multiply-and-sum (see gemma3n.text_model.linear)
+            out = fused_int8_product(rows, self.qweight, scales)
         else:
             out = int8_product(rows, self.qweight, scales)  # [n, out]
         return out.view(*x.shape[:-1], self.out_features)

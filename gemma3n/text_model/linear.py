@@ -159,15 +159,17 @@ def _fused_row_is_faster() -> bool:
     return best["fused"] < 0.9 * best["blas"]
 
 
-def _fused_int8_product(row: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return (fused_small_product(row.float(), qweight) * scales.float()).to(row.dtype)
+def fused_int8_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The int8 layer's product ``rows @ (qweight * scales)^T`` as :func:`fused_small_product`: float32 rows keep
+    the sum unrounded until it is scaled, as the int8 kernel does; one rounding to the rows' dtype."""
+    return (fused_small_product(rows.float(), qweight) * scales.float()).to(rows.dtype)
 
 
 def _fused_int8_row_is_faster() -> bool:
     row = torch.full((1, FUSED_INT8_MAX_INPUTS), 0.01, dtype=torch.bfloat16)
     qweight = torch.ones(32768, FUSED_INT8_MAX_INPUTS, dtype=torch.int8)  # 64 MB: read from memory
     scales = torch.full((32768,), 0.01, dtype=torch.bfloat16)
-    fused = torch.compile(_fused_int8_product, dynamic=False)
+    fused = torch.compile(fused_int8_product, dynamic=False)
     best = _best_seconds(
         {"fused": lambda: fused(row, qweight, scales), "kernel": lambda: int8_product(row, qweight, scales)}
     )
