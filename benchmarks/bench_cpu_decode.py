@@ -67,18 +67,9 @@ def peak_rss_gb() -> float:
 
 def weight_bytes_per_token(model) -> int:
     """Bytes one batch-1 decode step reads from gemma3n's text decoder (see the module docstring)."""
-    lm = model.language_model
-    vocab = lm.config.vocab_size
-    skip = {id(lm.embed_tokens_per_layer.weight)}
-    tensors = {id(t): t for t in list(lm.parameters()) + list(lm.buffers())}
-    head_copies = [
-        t
-        for i, t in tensors.items()
-        if i not in skip and i != id(lm.embed_tokens.weight) and t.dim() >= 1 and t.shape[0] == vocab
-    ]
-    if head_copies:  # a quantized LM head: the token table itself is only row-gathered
-        skip.add(id(lm.embed_tokens.weight))
-    return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in skip)
+    from gemma3n.compile_policy import decode_weight_bytes  # gemma3n children only: importing it sets huge pages
+
+    return decode_weight_bytes(model)
 
 
 def reference_weight_bytes_per_token(model) -> int:

@@ -319,7 +319,7 @@ def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": getattr(args, "top_k", None),
         "top_p": getattr(args, "top_p", None),
         "seed": getattr(args, "seed", None),
-        "compile": True if getattr(args, "compile", False) else None,
+        "compile": getattr(args, "compile", None),  # None: "auto", decided for the job
     }
     return {k: v for k, v in settings.items() if v is not None}
 
@@ -508,6 +508,8 @@ def run_file_job(
     if args.ray or args.ray_address is not None:
         return run_on_ray(args, job, settings, log, todo, tally)
     pipe = load_pipeline(job.task, args)
+    if "compile" not in settings:  # neither --compile nor --no-compile: decided once for the whole job
+        run_batch = functools.partial(run_batch, **_job_compile(pipe, job, len(todo), args.batch_size, settings))
     timer = _timer(args)
     log.open(todo)
     try:
@@ -527,6 +529,23 @@ def run_file_job(
         if timer.enabled:
             print(timer.report_line(job.command), file=sys.stderr)
     return 1 if tally.failures else 0
+
+
+def _job_compile(pipe: Any, job: FileJob, files: int, batch_size: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """The default compile setting ("auto") for a job of ``files`` files: the pipeline settings that compile its
+    decode steps (at ``batch_size``) when its planned steps pay for that (:mod:`gemma3n.compile_policy`), else eager
+    ones."""
+    from .compile_policy import AUTO, planned_decode_steps, resolve_compile
+
+    max_new_tokens = settings.get("max_new_tokens") or pipe.generation_config.max_new_tokens
+    steps = planned_decode_steps(files, batch_size, max_new_tokens)
+    if not resolve_compile(pipe.model, AUTO, steps):
+        return {"compile": False}
+    print(
+        f"gemma3n {job.command}: compiling the decode steps ({steps} planned steps pay for it; --compile off skips)",
+        file=sys.stderr,
+    )
+    return {"compile": "decode", "batch_size": batch_size}
 
 
 # ---- the same on Ray Data ----------------------------------------------------------------------------------------
@@ -776,10 +795,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="compile the decode step, the prefill's per-layer work and the vision / audio tower with torch.compile, "
-        "for --batch-size (a smaller last batch is filled up): minutes once (cached on disk for later runs), then "
-        "faster decoding and towers on CPU; pays off for long batch jobs (default: eager)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--compile: compile the decode step, the prefill's per-layer work and the vision / audio tower with "
+        "torch.compile, for --batch-size (a smaller last batch is filled up): minutes once (cached on disk for later "
+        "runs), then faster decoding and towers on CPU. --no-compile: eager. Neither (the default): compile the decode "
+        "steps alone when the job's planned decode steps pay for it on the CPU (thousands of steps at E2B)",
     )
 
 

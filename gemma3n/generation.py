@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .compile_policy import AUTO, resolve_compile
 from .cuda_graphs import CudaGraphDecodeStep, cuda_graphs_supported
 from .text_model import KVCache
 from .text_model.linear import few_row_bf16_kernel, measure_fused_row_product
@@ -282,7 +283,7 @@ def generate(
     streamer: Any = None,
     tokenizer: Any = None,
     generation_config: GenerationConfig | None = None,
-    compile: bool = False,
+    compile: bool | str = AUTO,
     cuda_graphs: bool | None = None,
 ) -> torch.Tensor:
     """Generate continuations; returns full sequences [B, prompt + new] like transformers' ``generate``.
@@ -293,6 +294,8 @@ def generate(
     [B, T] first, then each step's tokens [B]). ``compile=True`` runs the decode steps through
     :func:`compiled_decode_step` (same tokens; pays off over many steps with recurring shapes) and, for Gemma 3n on
     the CPU, turns on :func:`enable_compiled_prefill` (fused prefill; bf16 differs from eager in the last bits).
+    ``compile="auto"`` (the default) does so on the CPU when ``max_new_tokens`` steps are enough for the compile to
+    pay (:mod:`gemma3n.compile_policy`; thousands of steps at E2B), else runs eager steps.
     On CUDA the decode steps are replayed from CUDA graphs (:mod:`gemma3n.cuda_graphs`; same tokens as eager steps)
     unless ``cuda_graphs=False`` or ``compile=True``.
     ``token_type_ids`` (from the processor) is accepted so that ``generate(**inputs)`` works, and ignored: the
@@ -338,7 +341,7 @@ def stream_generate(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Itera
     names = ("attention_mask", "pixel_values", "input_features", "input_features_mask")
     modal = [kwargs.pop(n, None) for n in names]
     seed, generator, streamer = kwargs.pop("seed", None), kwargs.pop("generator", None), kwargs.pop("streamer")
-    compile_steps = kwargs.pop("compile", False)
+    compile_steps = kwargs.pop("compile", AUTO)
     cuda_graphs = kwargs.pop("cuda_graphs", None)
     kwargs.pop("token_type_ids", None)  # processor output; unused, as in generate
     if "eos_token_id" in kwargs:
@@ -376,7 +379,7 @@ def _generate_iter(
     streamer: Any,
     tokenizer: Any,
     generation_config: GenerationConfig | None,
-    compile: bool = False,
+    compile: bool | str = AUTO,
     cuda_graphs: bool | None = None,
 ) -> Iterator[Any]:
     """Yields None after each step (so streams can flush) and finally the sequences tensor."""
@@ -401,6 +404,7 @@ def _generate_iter(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
 
+    compile = bool(resolve_compile(model, compile, config.max_new_tokens))  # "decode" is True here: no towers
     positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # rope positions skip left padding
     cache_length, step_fn = cache_length_for(model, T, config.max_new_tokens, compile), decode_step
     if compile:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..compile_policy import AUTO, check_compile_option, planned_decode_steps, resolve_compile
 from ..generation import GenerationConfig, stream_generate
 from ..processors.chat import chat_media
 from .towers import compile_towers
@@ -189,22 +190,25 @@ class Pipeline:
             seed=gen.get("seed"),
             generator=gen.get("generator"),
             tokenizer=self.processor,
-            compile=bool(gen.get("compile", False)),
+            compile=bool(gen["compile"]),
         )
 
     def forward(self, prompts: Sequence[Prompt], gen: dict[str, Any], batch_size: int | None = None) -> list[Generated]:
         """Generate for a batch of prompts at once: one processor call (left padding) and one ``generate``.
 
-        With ``gen["compile"]`` the towers the batch uses are compiled too, for ``batch_size`` images or clips at a
-        time (default: this batch's prompt count), and a smaller batch (the last of a job) is filled up to
-        ``batch_size`` with copies of its last prompt, whose outputs are dropped: compiled towers and decode steps
-        see the batch size they were compiled for instead of compiling again (minutes per shape at E2B).
+        With ``gen["compile"]`` True the towers the batch uses are compiled too, for ``batch_size`` images or clips at
+        a time (default: this batch's prompt count). Compiled (True, or ``"decode"``: the decode steps only), a smaller
+        batch (the last of a job) is filled up to ``batch_size`` with copies of its last prompt, whose outputs are
+        dropped: compiled towers and decode steps see the batch size they were compiled for instead of compiling
+        again (minutes per shape at E2B). ``"auto"`` (the default) is decided here for this batch alone; a pipeline
+        call decides it once for its whole job.
         """
         real = len(prompts)
-        if gen.get("compile") and batch_size is not None and real < batch_size:
+        gen = self._decided_compile(gen, real, batch_size or real)
+        if gen["compile"] and batch_size is not None and real < batch_size:
             prompts = list(prompts) + [prompts[-1]] * (batch_size - real)
         inputs = self.model_inputs(prompts)
-        if gen.get("compile"):
+        if gen["compile"] is True:
             compile_towers(self.model, inputs, batch_size or real)
         input_ids = inputs["input_ids"]
         config = self.generation_config.updated(**_config_part(gen))
@@ -262,6 +266,7 @@ class Pipeline:
         batch_size = settings.get("batch_size", self.batch_size)
         on_batch = settings.get("on_batch")
         total = len(items) if isinstance(items, Sized) else None
+        gen = self._decided_compile(gen, total or 1, batch_size)
         with self._progress_bar(total, batch_size, settings.get("progress", self.progress)) as bar:
             pending: list[tuple[int, Prompt]] = []
             waiting: dict[int, tuple[Any, int]] = {}  # index -> (item, number of prompts)
@@ -303,6 +308,17 @@ class Pipeline:
         if on_batch is not None:
             on_batch([p for _, p in batch])
 
+    def _decided_compile(self, gen: dict[str, Any], prompts: int, batch_size: int) -> dict[str, Any]:
+        """``gen`` with ``"compile"`` decided for a job of ``prompts`` prompts: True (decode steps and towers),
+        ``"decode"`` (the decode steps only) or False; ``"auto"`` (the default) is ``"decode"`` when the job's
+        planned decode steps pay for the compile (:mod:`gemma3n.compile_policy`), else False."""
+        value = gen.get("compile", AUTO)
+        if value == AUTO:
+            max_new_tokens = self.generation_config.updated(**_config_part(gen)).max_new_tokens
+            steps = planned_decode_steps(prompts, batch_size, max_new_tokens)
+            value = resolve_compile(self.model, AUTO, steps)
+        return {**gen, "compile": check_compile_option(value)}
+
     def _progress_bar(self, total: int | None, batch_size: int, progress: bool | None) -> Any:
         return progress_bar(self.task, total, batch_size, progress)
 
@@ -310,7 +326,8 @@ class Pipeline:
     def _stream_prompt(self, prompt: Prompt, gen: dict[str, Any]) -> Iterator[str]:
         """Text pieces of the answer to one prompt, as they are generated."""
         inputs = self.model_inputs([prompt])
-        if gen.get("compile"):
+        gen = self._decided_compile(gen, 1, 1)
+        if gen["compile"] is True:
             compile_towers(self.model, inputs, 1)
         config = self.generation_config.updated(**_config_part(gen))
         yield from stream_generate(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kv_cache import AttentionContext
-from .linear import Linear
+from .linear import Linear, materialized
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -75,6 +75,8 @@ def single_query_attention(
     B, heads, _, D = q.shape
     kv_heads = k.shape[1]
     fused = torch.compiler.is_compiling()
+    if fused:  # q in a buffer of its own: else inductor recomputes its norm and RoPE (cos, sin) for every key
+        q = materialized(q)
     queries = q.reshape(B, kv_heads, heads // kv_heads, D).float()  # [B, KVH, group, D]
     if fused:
         scores = (queries[:, :, :, None, :] * k[:, :, None].float()).sum(-1)  # [B, KVH, group, Lk]
