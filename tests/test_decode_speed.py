@@ -192,6 +192,33 @@ def test_compiled_few_row_product_of_a_small_weight_is_a_fused_multiply_and_sum(
     assert ((got.float() - want).abs() <= 2**-8 * (want.abs() + accumulation) + accumulation).all()
 
 
+@pytest.mark.parametrize("inputs", [8192, 8200], ids=["split-in-two", "odd-length"])
+def test_fused_product_of_long_rows_sums_in_chunks_within_the_float32_bound(inputs, monkeypatch):
+    """Rows longer than inductor's plain-sum limit (4096) are summed as chunks, then their partial sums (no cascade
+    helper); a length that does not split evenly keeps one sum. Compiled with inductor, both stay within the float32
+    product's bounds (as above, with the K = ``inputs`` accumulation term)."""
+    from gemma3n.text_model import linear
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, inputs, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(24, inputs, generator=gen).to(torch.bfloat16)
+    split = []
+    original = torch.Tensor.unflatten
+    monkeypatch.setattr(torch.Tensor, "unflatten", lambda t, *a: split.append(a) or original(t, *a))
+    eager = linear.fused_small_product(x, weight)
+    assert bool(split) is (inputs == 8192)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        compiled = torch.compile(linear.fused_small_product, fullgraph=True)(x, weight)
+    torch._dynamo.reset()
+    want = x.float() @ weight.float().T
+    accumulation = inputs * 2**-24 * (x.float().abs() @ weight.float().abs().T)
+    bound = 2**-8 * (want.abs() + accumulation) + accumulation
+    for got in (eager, compiled):
+        assert got.dtype == torch.bfloat16 and got.shape == (1, 24)
+        assert ((got.float() - want).abs() <= bound).all()
+
+
 def test_compiled_one_row_lm_head_is_fused_where_that_is_faster(monkeypatch):
     """With fused one-row products on, a compiled one-token LM head makes no BLAS call; its soft-capped logits are
     the float32 product within one bf16 rounding plus the accumulation bound, then capped (tanh is 1-Lipschitz, so
