@@ -9,8 +9,9 @@ with the layers), so the rule is stated in bytes: compile when
 
 where the planned steps are ``ceil(prompts / batch size) x max_new_tokens`` (an upper bound: rows can stop early).
 The thresholds come from E2B decoding on 2 CPU cores (``benchmarks/results/cpu_decode_e2b_epyc_decode_attention.md``
-and the compile times in the README): break-even steps = compile seconds / (eager step - compiled step), times the
-bytes per step. float32 models never compile under ``"auto"`` (they are the parity reference; ``compile=True``
+for eager steps, ``cpu_decode_e2b_epyc_compiled_attention.md`` for compiled ones and the compile time): break-even
+steps = compile seconds / (eager step - compiled step), times the bytes per step. With an empty inductor cache a job
+that compiles about breaks even at the threshold and wins beyond it; with a warm cache it wins from the start. float32 models never compile under ``"auto"`` (they are the parity reference; ``compile=True``
 still compiles them), nor does anything off the CPU (CUDA replays CUDA graphs instead).
 
 The decision depends only on the job (its size, the model's weights), never on timings, so the same job always
@@ -27,12 +28,14 @@ import torch
 AUTO = "auto"
 DECODE = "decode"  # the decode steps (and prefill) only, not the encoder towers: what "auto" turns on when it pays
 
-# Weight bytes streamed by a job's decode steps before compiling them pays, by weight format. E2B: break-even
-# steps (compile s / saving per step) x bytes per step, rounded up; see the module docstring.
+# Weight bytes streamed by a job's decode steps before compiling them pays, by weight format. E2B on 2 cores of an
+# AMD EPYC: about 120 s of compile per shape with an empty inductor cache (15 s with a warm one), against a saving per
+# step of 158 ms (bf16: eager 3.08 tok/s, compiled 5.98), 65 ms (int8: 6.36, 10.90) and 26 ms (int4: 9.16, 12.04),
+# so 760, 1,850 and 4,600 steps of 4.84, 2.42 and 1.36 GB; rounded up.
 PAYS_AFTER_BYTES = {
-    "bf16": 4.0e12,  # 4.84 GB per step: about 830 steps
-    "int8": 5.5e12,  # 2.42 GB per step: about 2300 steps
-    "int4": 6.0e12,  # 1.36 GB per step: about 4400 steps
+    "bf16": 4.0e12,  # about 830 E2B steps
+    "int8": 4.5e12,  # about 1,860
+    "int4": 6.5e12,  # about 4,800
 }
 
 
