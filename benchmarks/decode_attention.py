@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from run_meta import run_meta, write_json
 
 from gemma3n.text_model.attention import single_query_attention
 
@@ -92,17 +92,12 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    meta = {
-        "command": "python benchmarks/decode_attention.py "
+    meta = run_meta(
+        "python benchmarks/decode_attention.py "
         + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "torch": torch.__version__,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        load_before,
+    )
+    write_json(args.out, meta, rows)
     names = list(variants)
     lines = [
         "# Decode-step attention, one E2B layer (8 query heads, 2 kv heads, head dim 256), bf16, CPU, us per call",

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from run_meta import run_meta, write_json
 
 from gemma3n.text_model.linear import fused_small_product
 
@@ -122,16 +122,11 @@ def main() -> None:
                         }
                     rows_out.append(row)
                     print(json.dumps(row), flush=True)
-    meta = {
-        "command": f"python benchmarks/fused_row_products.py --rounds {args.rounds} --out {args.out}",
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "torch": torch.__version__,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))
+    meta = run_meta(
+        f"python benchmarks/fused_row_products.py --rounds {args.rounds} --out {args.out}",
+        load_before,
+    )
+    write_json(args.out, meta, rows_out)
     names = ["blas", "fused", "fused, one sum", "fused, weight-major"]
     lines = [
         "# Few-row products of E2B matrices: GB/s of weight read, BLAS kernel against inductor's fused reductions",
