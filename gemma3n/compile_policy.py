@@ -11,8 +11,9 @@ where the planned steps are ``ceil(prompts / batch size) x max_new_tokens`` (an 
 The thresholds come from E2B decoding on 2 CPU cores (``benchmarks/results/cpu_decode_e2b_epyc_decode_attention.md``
 for eager steps, ``cpu_decode_e2b_epyc_compiled_attention.md`` for compiled ones and the compile time): break-even
 steps = compile seconds / (eager step - compiled step), times the bytes per step. With an empty inductor cache a job
-that compiles about breaks even at the threshold and wins beyond it; with a warm cache it wins from the start. float32 models never compile under ``"auto"`` (they are the parity reference; ``compile=True``
-still compiles them), nor does anything off the CPU (CUDA replays CUDA graphs instead).
+that compiles about breaks even at the threshold and wins beyond it; with a warm cache it wins from the start.
+float32 models never compile under ``"auto"`` (they are the parity reference; ``compile=True`` still compiles
+them), nor does anything off the CPU (CUDA replays CUDA graphs instead).
 
 The decision depends only on the job (its size, the model's weights), never on timings, so the same job always
 takes the same path and gives the same tokens.
