@@ -542,7 +542,7 @@ def _job_compile(pipe: Any, job: FileJob, files: int, batch_size: int, settings:
     if not resolve_compile(pipe.model, AUTO, steps):
         return {"compile": False}
     print(
-        f"gemma3n {job.command}: compiling the decode steps ({steps} planned steps pay for it; --compile off skips)",
+        f"gemma3n {job.command}: compiling the decode steps ({steps} planned steps pay for it; --no-compile skips)",
         file=sys.stderr,
     )
     return {"compile": "decode", "batch_size": batch_size}
