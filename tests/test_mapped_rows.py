@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gemma3n.checkpoint import read_checkpoint_tensors
-from gemma3n.text_model.mapped_rows import GATHER_CHUNK, gather_rows
+from gemma3n.text_model.mapped_rows import GATHER_CHUNK, advise_row_reads, gather_rows
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page maps")
 
@@ -27,6 +27,25 @@ def _present_pages(tensor: torch.Tensor) -> int:
         fh.seek(begin * 8)
         entries = struct.unpack(f"{end - begin}Q", fh.read((end - begin) * 8))
     return sum(entry >> 63 for entry in entries)
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    with open("/proc/self/smaps", encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    inside = False
+    for line in lines:
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            begin, end = (int(a, 16) for a in fields[0].split("-"))
+            inside = begin <= address < end
+        elif inside and fields[0] == "VmFlags:":
+            return set(fields[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _middle(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr() + tensor.numel() * tensor.element_size() // 2
 
 
 @pytest.fixture
@@ -61,3 +80,28 @@ def test_anonymous_and_tied_tables_gather_as_usual(mapped_table):
         before = _present_pages(mapped_table)
         assert torch.equal(gather_rows(tied, ids, release=False), mapped_table[ids])
         assert _present_pages(mapped_table) == before
+
+
+def test_a_mapped_table_is_advised_for_random_reads(mapped_table):
+    # "rr" is the kernel's mark for madvise(MADV_RANDOM): a fault reads the page, not the read-ahead window around it
+    assert "rr" not in _vm_flags(_middle(mapped_table))
+    assert advise_row_reads(nn.Embedding.from_pretrained(mapped_table, freeze=True))
+    assert "rr" in _vm_flags(_middle(mapped_table))
+    anonymous = mapped_table.clone()
+    assert not advise_row_reads(nn.Embedding.from_pretrained(anonymous, freeze=True))  # nothing to advise
+    assert "rr" not in _vm_flags(_middle(anonymous))
+    with torch.inference_mode():  # the data is unchanged
+        assert torch.equal(mapped_table, anonymous)
+
+
+@pytest.mark.filterwarnings("ignore:quantize='int8' with float32")  # fp32 keeps the checkpoint's own mapping
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_load_advises_the_tables_only_gathered(tiny_lm, quantize):
+    import gemma3n
+
+    model = gemma3n.load(tiny_lm[1], quantize=quantize)
+    text = model.language_model
+    assert "rr" in _vm_flags(_middle(text.embed_tokens_per_layer.weight))
+    # the tied LM head streams the whole token table each step: read-ahead stays on for it; a quantized head
+    # leaves the token table to the row gathers
+    assert ("rr" in _vm_flags(_middle(text.embed_tokens.weight))) == (quantize is not None)

@@ -6,6 +6,10 @@ that fill the page cache in large folios, a fault maps the whole folio around a 
 process (peak RSS). Here the rows are gathered in chunks of ``GATHER_CHUNK`` and the table's pages are dropped from
 this process after each chunk (``madvise(MADV_DONTNEED)``; the page cache keeps them, so the next gather faults them
 back in cheaply). Compiled graphs, other devices and tables that are not file-mapped gather as usual.
+
+A row that is not in the page cache at all is read from disk on its first gather. The tables read only by gathers
+are marked for random reads at load (:func:`advise_row_reads`), so that read fetches the row's pages rather than
+the whole read-ahead window around them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..mapped_pages import in_file_mapping, release_mapped_pages
+from ..mapped_pages import advise_random_reads, in_file_mapping, release_mapped_pages
 
 GATHER_CHUNK = 64  # rows per gather between releases: at most this many folios of a table mapped at once
 # A page-cache folio is at most 2 MB (PMD order) and lies around the row it was faulted in for: dropping this much on
@@ -41,6 +45,13 @@ def gather_rows(table: nn.Embedding, ids: torch.Tensor, release: bool = True) ->
             for lo, hi in _merged_windows(rows.tolist(), row_bytes):
                 release_mapped_pages(weight[lo:hi], own_range)
     return out.view(*ids.shape, weight.shape[1])
+
+
+def advise_row_reads(table: nn.Embedding) -> bool:
+    """Mark a file-mapped CPU table for random reads (:func:`gemma3n.mapped_pages.advise_random_reads`): a gather of
+    an uncached row then reads that row's pages from disk, not the read-ahead window around it. True if marked."""
+    weight = table.weight
+    return weight.device.type == "cpu" and advise_random_reads(weight.detach())
 
 
 def _merged_windows(rows: list[int], row_bytes: int) -> list[tuple[int, int]]:

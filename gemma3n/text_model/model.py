@@ -14,7 +14,7 @@ from .heads import lm_head_logits
 from .kv_cache import AttentionContext, KVCache
 from .layers import DecoderLayer
 from .linear import Linear
-from .mapped_rows import gather_rows
+from .mapped_rows import advise_row_reads, gather_rows
 
 
 def match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,6 +50,13 @@ class TextModel(nn.Module):
         """CPU decode steps skip the inactive channels of the sparse MLP layers (see
         :meth:`SparseMLP.enable_sparse_decode`); returns how many layers take that path."""
         return sum(layer.mlp.enable_sparse_decode(enable) for layer in self.layers)
+
+    def advise_row_reads(self) -> int:
+        """Mark the file-mapped embedding tables that are only read by row gathers for random reads (the per-layer
+        table; the token table too when a separate LM head leaves it to the gathers); returns how many were marked.
+        See :func:`gemma3n.text_model.mapped_rows.advise_row_reads`."""
+        tables = [self.embed_tokens_per_layer] + ([self.embed_tokens] if self.lm_head is not None else [])
+        return sum(advise_row_reads(table) for table in tables)
 
     def enable_compiled_prefill(self, enable: bool = True) -> int:
         """Prefill runs each layer's element-wise work through ``torch.compile`` (see
