@@ -157,6 +157,16 @@ def run_child(args) -> dict:
 
     for batch in (1, 4):
         ids = prompts[args.prompt_tokens] if batch == 1 else batch_prompt
+        if library == "gemma3n" and args.job_steps:
+            # the weight layout a job of --job-steps planned steps at this batch size gets from the pipelines and
+            # the CLI (gemma3n.text_model.packed_weights); generate alone decides for its own --new-tokens steps
+            from gemma3n.text_model.packed_weights import is_packed, pack_if_pays
+
+            t0 = time.perf_counter()
+            packed_before = is_packed(model)
+            result[f"packed_b{batch}"] = pack_if_pays(model, batch, args.job_steps, compiled=bool(compile_steps))
+            if result[f"packed_b{batch}"] and not packed_before:
+                result["pack_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         generate(ids, 3)  # warm-up (and, for compiled steps, the compile of this batch size)
         result[f"warmup_b{batch}_s"] = time.perf_counter() - t0
@@ -199,7 +209,7 @@ def ensure_checkpoint(path: Path) -> Path:
 
 def spawn(args, impl: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--model", str(args.model)]
-    cmd += ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+    cmd += ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--job-steps", str(args.job_steps)]
     cmd += ["--prompt-tokens", str(args.prompt_tokens)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(impl))
@@ -237,6 +247,11 @@ def summarize(rounds: list[dict], impls: list[str]) -> dict:
         for key in keys:
             values = [res[key] for _, res in ok]
             row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        for key in ("packed_b1", "packed_b4"):
+            row[key] = any(res.get(key) for _, res in ok)
+        packing = [res["pack_s"] for _, res in ok if "pack_s" in res]
+        if packing:
+            row["pack_s"] = {"median": statistics.median(packing), "min": min(packing), "max": max(packing)}
         if nbytes:
             fractions = [nbytes * res["decode_b1_tok_s"] / 1e9 / bw for bw, res in ok]
             row["weight_gbs_b1"] = nbytes * row["decode_b1_tok_s"]["median"] / 1e9
@@ -336,6 +351,17 @@ def markdown(results: dict) -> str:
             f"{fmt(row['prefill_512_tok_s'], 0)} | {fmt(row['ttft_128_s'])} | {fmt(row['peak_rss_gb'])} |"
         )
     lines.append("")
+    packed = [
+        f"{impl} (batch {', '.join(str(b) for b in (1, 4) if row.get(f'packed_b{b}'))}; packing "
+        f"{fmt(row['pack_s']) if row.get('pack_s') else '?'} s)"
+        for impl, row in results["summary"].items()
+        if row.get("packed_b1") or row.get("packed_b4")
+    ]
+    if packed:
+        lines.append(
+            f"bf16 weights packed for oneDNN (gemma3n.text_model.packed_weights), as a job of "
+            f"{results.get('job_steps', '?')} planned decode steps decides: " + "; ".join(packed) + "."
+        )
     lines.append("Weight bytes read per decode token: " + ", ".join(
         f"{impl} {row['weight_bytes_per_token'] / 1e9:.2f} GB"
         for impl, row in results["summary"].items()
@@ -378,6 +404,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument(
+        "--job-steps",
+        type=int,
+        default=1024,
+        help="planned decode steps of the job each gemma3n batch size stands for (decides packed weights); 0: "
+        "generate decides alone",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cpu_decode_e2b.json")
     parser.add_argument("--render", action="store_true", help="only re-write the markdown table from --out's JSON")
@@ -415,6 +448,7 @@ def main() -> None:
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,
         "prompt_tokens": args.prompt_tokens,
+        "job_steps": args.job_steps,
         "impls": args.impls,
         "copy_bytes_counted": COPY_BYTES_COUNTED,
         "load_average_start": [round(x, 2) for x in os.getloadavg()],

@@ -61,13 +61,15 @@ def _fbgemm_int8(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
 def _kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]]:
     """name -> (product of rows [n, in] with this weight, bytes the product reads)."""
     from gemma3n.quantize import Int4Linear, Int8Linear
-    from gemma3n.text_model.linear import weight_major_product
+    from gemma3n.text_model.linear import pack_weight, packed_product, weight_major_product
 
     int8 = Int8Linear.from_weight(weight)
+    pack_weight(weight)  # the copy lives as long as ``weight`` (the lambda below keeps it)
     int4 = Int4Linear.from_weight(weight, group_size=64)
     out: dict = {
         "bf16 weight-major": (lambda x: weight_major_product(x, weight), weight.numel() * 2),
         "bf16 F.linear (transformers)": (lambda x: F.linear(x, weight), weight.numel() * 2),
+        "bf16 oneDNN-packed (gemma3n)": (lambda x: packed_product(x, weight), weight.numel() * 2),
         "int8 weight-only (gemma3n)": (int8, int8.qweight.numel() + int8.scales.numel() * 2),
         "int4 g64 (gemma3n)": (int4, int4.packed.numel() + int4.scales_and_zeros.numel() * 2),
     }

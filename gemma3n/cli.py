@@ -536,10 +536,14 @@ def _job_compile(pipe: Any, job: FileJob, files: int, batch_size: int, settings:
     decode steps (at ``batch_size``) when its planned steps pay for that (:mod:`gemma3n.compile_policy`), else eager
     ones."""
     from .compile_policy import AUTO, planned_decode_steps, resolve_compile
+    from .text_model.packed_weights import pack_if_pays
 
     max_new_tokens = settings.get("max_new_tokens") or pipe.generation_config.max_new_tokens
     steps = planned_decode_steps(files, batch_size, max_new_tokens)
-    if not resolve_compile(pipe.model, AUTO, steps):
+    compiles = bool(resolve_compile(pipe.model, AUTO, steps))
+    if pipe.device.type == "cpu":  # the whole job's steps decide the weight layout too (packed_weights)
+        pack_if_pays(pipe.model, min(batch_size, files), steps, compiled=compiles)
+    if not compiles:
         return {"compile": False}
     print(
         f"gemma3n {job.command}: compiling the decode steps ({steps} planned steps pay for it; --no-compile skips)",

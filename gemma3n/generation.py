@@ -22,6 +22,7 @@ from .compile_policy import AUTO, resolve_compile
 from .cuda_graphs import CudaGraphDecodeStep, cuda_graphs_supported
 from .text_model import KVCache
 from .text_model.linear import few_row_bf16_kernel, measure_fused_row_product
+from .text_model.packed_weights import pack_if_pays
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -405,6 +406,8 @@ def _generate_iter(
         generator.manual_seed(seed if seed is not None else torch.seed())
 
     compile = bool(resolve_compile(model, compile, config.max_new_tokens))  # "decode" is True here: no towers
+    if device.type == "cpu":
+        pack_if_pays(model, B, config.max_new_tokens, compile)  # oneDNN-packed bf16 weights, when they pay
     positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # rope positions skip left padding
     cache_length, step_fn = cache_length_for(model, T, config.max_new_tokens, compile), decode_step
     if compile:

@@ -17,6 +17,7 @@ import torch
 from ..compile_policy import AUTO, check_compile_option, planned_decode_steps, resolve_compile
 from ..generation import GenerationConfig, stream_generate
 from ..processors.chat import chat_media
+from ..text_model.packed_weights import pack_if_pays
 from .towers import compile_towers
 
 # Keywords that go to generation rather than to the task (GenerationConfig fields and generate()'s extras).
@@ -313,11 +314,14 @@ class Pipeline:
         ``"decode"`` (the decode steps only) or False; ``"auto"`` (the default) is ``"decode"`` when the job's
         planned decode steps pay for the compile (:mod:`gemma3n.compile_policy`), else False."""
         value = gen.get("compile", AUTO)
+        max_new_tokens = self.generation_config.updated(**_config_part(gen)).max_new_tokens
+        steps = planned_decode_steps(prompts, batch_size, max_new_tokens)
         if value == AUTO:
-            max_new_tokens = self.generation_config.updated(**_config_part(gen)).max_new_tokens
-            steps = planned_decode_steps(prompts, batch_size, max_new_tokens)
             value = resolve_compile(self.model, AUTO, steps)
-        return {**gen, "compile": check_compile_option(value)}
+        value = check_compile_option(value)
+        if self.device.type == "cpu":  # the job's steps decide the weight layout too (packed_weights)
+            pack_if_pays(self.model, min(batch_size, prompts), steps, compiled=bool(value))
+        return {**gen, "compile": value}
 
     def _progress_bar(self, total: int | None, batch_size: int, progress: bool | None) -> Any:
         return progress_bar(self.task, total, batch_size, progress)

@@ -28,6 +28,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, unit_offset=True)
         # separate LM head: an untied checkpoint's, or a quantized copy of the tied table (gemma3n.quantize)
         self.lm_head: nn.Module | None = None
+        self.packed_head = False  # the tied table has a oneDNN-packed copy for the head (packed_weights)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden) (the scale rounded to the weight dtype). [B, T] -> [B, T, H]"""
@@ -64,4 +65,5 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (tied unless ``lm_head`` is set) with the final soft-cap. [B, T, H] -> [B, T, vocab]"""
-        return lm_head_logits(hidden, self.embed_tokens.weight, self.lm_head, self.config.final_logit_softcapping)
+        softcap = self.config.final_logit_softcapping
+        return lm_head_logits(hidden, self.embed_tokens.weight, self.lm_head, softcap, self.packed_head)

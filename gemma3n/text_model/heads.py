@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import fused_small_product, traced_small_product, use_weight_major, weight_major_columns
+from .linear import (
+    fused_small_product,
+    packed_product,
+    traced_small_product,
+    use_weight_major,
+    weight_major_columns,
+)
 
 
 @dataclass
@@ -20,13 +26,20 @@ class ModelOutput:
 
 
 def lm_head_logits(
-    hidden: torch.Tensor, table: torch.Tensor, lm_head: nn.Module | None, softcap: float | None
+    hidden: torch.Tensor,
+    table: torch.Tensor,
+    lm_head: nn.Module | None,
+    softcap: float | None,
+    packed: bool = False,
 ) -> torch.Tensor:
-    """Logits [B, T, vocab] from hidden [B, T, H] through ``lm_head`` or, when None, the tied table [vocab, H];
-    then ``softcap * tanh(logits / softcap)`` when a final soft-cap is set."""
+    """Logits [B, T, vocab] from hidden [B, T, H] through ``lm_head`` or, when None, the tied table [vocab, H]
+    (``packed``: the table has a oneDNN-packed copy, :mod:`gemma3n.text_model.packed_weights`); then
+    ``softcap * tanh(logits / softcap)`` when a final soft-cap is set."""
     rows = hidden.numel() // hidden.shape[-1]
     if lm_head is not None:  # a separate head (untied, or the quantized copy from gemma3n.quantize)
         logits = lm_head(hidden)
+    elif packed and hidden.device.type == "cpu":
+        logits = packed_product(hidden, table)
     elif hidden.device.type == "cpu" and traced_small_product(rows, table):
         logits = fused_small_product(hidden, table)  # a compiled one-row step, where that streams the table fastest
     elif use_weight_major(hidden, table):

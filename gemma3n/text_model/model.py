@@ -45,6 +45,7 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(H, eps=config.rms_norm_eps)
         # optional separate LM head (e.g. a quantized copy of the tied table, see gemma3n.quantize); None: tied weight
         self.lm_head: nn.Module | None = None
+        self.packed_head = False  # the tied table has a oneDNN-packed copy for the head (packed_weights)
 
     def enable_sparse_decode(self, enable: bool = True) -> int:
         """CPU decode steps skip the inactive channels of the sparse MLP layers (see
@@ -68,8 +69,9 @@ class TextModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden) (the scale rounded to the weight dtype). [B, T] -> [B, T, H]"""
         weight = self.embed_tokens.weight
-        # the tied LM head (no separate lm_head) reads the whole table every step: keep it mapped then
-        rows = gather_rows(self.embed_tokens, input_ids.to(weight.device), release=self.lm_head is not None)
+        # the tied LM head (no separate head, no packed copy) reads the whole table every step: keep it mapped then
+        release = self.lm_head is not None or self.packed_head
+        rows = gather_rows(self.embed_tokens, input_ids.to(weight.device), release=release)
         return rows * in_dtype(self.config.embed_scale, weight.dtype)
 
     def per_layer_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,8 @@ class TextModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head (or ``lm_head`` when set) with the final soft-capping. [B, T, H] -> [B, T, vocab]"""
-        return lm_head_logits(hidden, self.embed_tokens.weight, self.lm_head, self.config.final_logit_softcapping)
+        softcap = self.config.final_logit_softcapping
+        return lm_head_logits(hidden, self.embed_tokens.weight, self.lm_head, softcap, self.packed_head)
 
     def forward(
         self,

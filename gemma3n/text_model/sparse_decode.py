@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantized_kernels import int8_product
-from .linear import Linear, linear_product
+from .linear import Linear, linear_product, packed_copy
 
 # With more channels active than this (the union over the rows of a batch), the dense product is the faster. Measured
 # on an AMD EPYC (Zen 4), E2B shapes (benchmarks/results/sparse_mlp_products_epyc.md): at batch 1 (about 5% active)
@@ -57,8 +57,9 @@ def sparse_gated_down(
     transposed copy down_weight_t [I, H] -> [N, H].
     """
     active = active_channels(activation, MAX_ACTIVE_FRACTION)
-    if active is None:
-        return linear_product(activation * linear_product(x, up_weight), down_weight)
+    if active is None:  # the dense product, through the packed copies where the weights have them
+        up_dense = linear_product(x, up_weight, packed=packed_copy(up_weight) is not None)
+        return linear_product(activation * up_dense, down_weight, packed=packed_copy(down_weight) is not None)
     up = linear_product(x, F.embedding(active, up_weight))  # [N, k]
     gated = activation.index_select(1, active) * up  # [N, k]
     return gated @ F.embedding(active, down_weight_t)  # [N, k] @ [k, H] -> [N, H]
