@@ -508,8 +508,8 @@ def run_file_job(
     if args.ray or args.ray_address is not None:
         return run_on_ray(args, job, settings, log, todo, tally)
     pipe = load_pipeline(job.task, args)
-    if "compile" not in settings:  # neither --compile nor --no-compile: decided once for the whole job
-        run_batch = functools.partial(run_batch, **_job_compile(pipe, job, len(todo), args.batch_size, settings))
+    # decided once for the whole job: the compile setting (unless --compile / --no-compile) and the weight layout
+    run_batch = functools.partial(run_batch, **_job_settings(pipe, job, len(todo), args.batch_size, settings))
     timer = _timer(args)
     log.open(todo)
     try:
@@ -531,18 +531,23 @@ def run_file_job(
     return 1 if tally.failures else 0
 
 
-def _job_compile(pipe: Any, job: FileJob, files: int, batch_size: int, settings: dict[str, Any]) -> dict[str, Any]:
-    """The default compile setting ("auto") for a job of ``files`` files: the pipeline settings that compile its
-    decode steps (at ``batch_size``) when its planned steps pay for that (:mod:`gemma3n.compile_policy`), else eager
-    ones."""
+def _job_settings(pipe: Any, job: FileJob, files: int, batch_size: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings decided once for a job of ``files`` files. Without ``--compile`` / ``--no-compile`` ("auto"): the
+    pipeline settings that compile its decode steps (at ``batch_size``) when its planned steps pay for that
+    (:mod:`gemma3n.compile_policy`), else eager ones. On the CPU the same planned steps decide whether the model's
+    bf16 weights are packed for oneDNN (:mod:`gemma3n.text_model.packed_weights`), which each batch's call alone
+    would not see."""
     from .compile_policy import AUTO, planned_decode_steps, resolve_compile
     from .text_model.packed_weights import pack_if_pays
 
     max_new_tokens = settings.get("max_new_tokens") or pipe.generation_config.max_new_tokens
     steps = planned_decode_steps(files, batch_size, max_new_tokens)
-    compiles = bool(resolve_compile(pipe.model, AUTO, steps))
-    if pipe.device.type == "cpu":  # the whole job's steps decide the weight layout too (packed_weights)
+    given = settings.get("compile", AUTO)
+    compiles = bool(resolve_compile(pipe.model, given, steps))
+    if pipe.device.type == "cpu":
         pack_if_pays(pipe.model, min(batch_size, files), steps, compiled=compiles)
+    if given != AUTO:
+        return {}
     if not compiles:
         return {"compile": False}
     print(

@@ -177,3 +177,48 @@ def test_generate_packs_a_batched_job_that_pays(bf16_lm, monkeypatch):
         )
     assert is_packed(bf16_lm)
     assert pack_if_pays(bf16_lm, rows=4, steps=1, compiled=False)  # stays packed
+
+
+@pytest.fixture
+def cheap_packing(monkeypatch):
+    """Every tiny-random weight packable, packing measured 1.5x faster, and 4 planned steps of 2 rows enough."""
+    monkeypatch.setattr(packed_weights, "SMALL_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(packed_weights, "packing_speedup", lambda rows: 1.5)
+    monkeypatch.setattr(packed_weights, "PACK_PAYS_AFTER_STEPS", {1: 1000, 2: 4})
+    monkeypatch.delenv(packed_weights.PACKED_WEIGHTS_ENV, raising=False)
+
+
+def _png_files(directory, count: int) -> None:
+    from PIL import Image
+
+    for i in range(count):
+        Image.new("RGB", (32 + 8 * i, 32), (40 * i, 90, 200)).save(directory / f"{i}.png")
+
+
+def test_a_cli_job_packs_when_its_planned_steps_pay(cheap_packing, tmp_path, monkeypatch):
+    from gemma3n import cli
+
+    _png_files(tmp_path, 3)
+    loaded = []
+    original = cli.load_pipeline
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    base = ["caption", str(tmp_path), "--model", "tiny-random", "--dtype", "bfloat16", "--max-new-tokens", "2"]
+    # 3 files at batch 2: 2 batches x 2 steps = 4 planned steps of 2 rows; one batch's call alone plans only 2
+    assert cli.main([*base, "--no-compile", "--batch-size", "2", "--output", str(tmp_path / "b2.jsonl")]) == 0
+    assert is_packed(loaded[-1].model)
+    assert cli.main([*base, "--no-compile", "--batch-size", "1", "--output", str(tmp_path / "b1.jsonl")]) == 0
+    assert not is_packed(loaded[-1].model)  # 6 one-row steps do not pay
+    assert (tmp_path / "b1.jsonl").read_text().count("\n") == (tmp_path / "b2.jsonl").read_text().count("\n") == 3
+
+
+def test_a_pipeline_call_packs_for_its_whole_list(cheap_packing):
+    from PIL import Image
+
+    pipe = gemma3n.pipeline(
+        "image-to-text", model="tiny-random", device="cpu", dtype="bfloat16", max_new_tokens=2, batch_size=2
+    )
+    images = [Image.new("RGB", (32, 32), (i * 60, 10, 10)) for i in range(3)]
+    pipe(images[:2], compile=False)  # one batch: 2 planned steps
+    assert not is_packed(pipe.model)
+    pipe(images, compile=False)  # two batches: 4 planned steps
+    assert is_packed(pipe.model)
