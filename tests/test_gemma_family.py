@@ -322,3 +322,23 @@ def test_multi_query_and_multi_head_attention_match_the_reference(tmp_path, kv_h
         input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
     )
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]), expected)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_packed_bf16_weights_give_the_dense_logits(tmp_path, family, monkeypatch):
+    """The family's decoders pack like Gemma 3n's (gemma3n/text_model/packed_weights.py): every layer product and the
+    tied head go through oneDNN-packed copies. Same model up to summation order: the logits agree to a few bf16
+    roundings (2e-2 relative, as in test_packed_weights)."""
+    from gemma3n.text_model import packed_weights
+
+    monkeypatch.setattr(packed_weights, "SMALL_WEIGHT_ELEMENTS", 0)  # the test model's weights are all small
+    path, _ = saved(tmp_path, family, "causal")
+    model = gemma3n.load(path, dtype="bfloat16")
+    ids, mask = padded_batch()
+    with torch.inference_mode():
+        dense = model(ids, attention_mask=mask).logits[mask.bool()].float()
+        decoder = packed_weights.decoder_of(model)
+        assert decoder is model.model and packed_weights.pack_decoder(decoder) >= 7 * decoder.config.num_hidden_layers
+        assert decoder.packed_head
+        packed = model(ids, attention_mask=mask).logits[mask.bool()].float()
+    assert rel_err(packed, dense) < 2e-2
