@@ -81,6 +81,7 @@ def test_without_a_copy_the_product_is_f_linear_and_copies_die_with_their_weight
 def bf16_lm(tiny_lm, monkeypatch):
     """The tiny model in bf16, with every weight counted as large enough to pack (tiny weights are all small)."""
     monkeypatch.setattr(packed_weights, "SMALL_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(packed_weights, "HEAD_BLOCK_ROWS", 128)  # the 300-row tied head in 3 blocks, as E2B's in 8
     monkeypatch.delenv(packed_weights.PACKED_WEIGHTS_ENV, raising=False)
     return gemma3n.load(tiny_lm[1], dtype=torch.bfloat16)
 
@@ -99,9 +100,11 @@ def test_a_packed_model_gives_the_same_logits_and_tokens(bf16_lm):
         decoder = decoder_of(bf16_lm)
         packed = pack_decoder(decoder)
         layers = decoder.config.num_hidden_layers
-        assert packed >= 7 * layers and decoder.packed_head and is_packed(bf16_lm)  # q k v o gate up down, head
+        assert [len(block) for block in decoder.packed_head] == [128, 128, 44]  # the head's row blocks
+        assert packed >= 7 * layers + 3 and is_packed(bf16_lm)  # q k v o gate up down per layer, 3 head blocks
+        assert pack_decoder(decoder) == packed  # packing again keeps the copies
         packed_logits = bf16_lm(ids, attention_mask=mask).logits
-        assert pack_decoder(decoder, enable=False) == 0 and not is_packed(bf16_lm)
+        assert pack_decoder(decoder, enable=False) == 0 and not is_packed(bf16_lm) and not decoder.packed_head
         again = bf16_lm(ids, attention_mask=mask).logits
     assert torch.equal(again, dense_logits)  # unpacking restores the plain path exactly
     # the same products up to summation order: the logits agree to a few bf16 roundings of the layers' outputs

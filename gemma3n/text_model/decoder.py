@@ -28,7 +28,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, unit_offset=True)
         # separate LM head: an untied checkpoint's, or a quantized copy of the tied table (gemma3n.quantize)
         self.lm_head: nn.Module | None = None
-        self.packed_head = False  # the tied table has a oneDNN-packed copy for the head (packed_weights)
+        # row blocks of the tied table that have oneDNN-packed copies for the head (packed_weights); () for none
+        self.packed_head: tuple[torch.Tensor, ...] = ()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden) (the scale rounded to the weight dtype). [B, T] -> [B, T, H]"""

@@ -3,6 +3,7 @@ its logit soft-cap, and the pooling of the sequence-classification head."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +31,17 @@ def lm_head_logits(
     table: torch.Tensor,
     lm_head: nn.Module | None,
     softcap: float | None,
-    packed: bool = False,
+    packed_blocks: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Logits [B, T, vocab] from hidden [B, T, H] through ``lm_head`` or, when None, the tied table [vocab, H]
-    (``packed``: the table has a oneDNN-packed copy, :mod:`gemma3n.text_model.packed_weights`); then
-    ``softcap * tanh(logits / softcap)`` when a final soft-cap is set."""
+    (``packed_blocks``: the table's consecutive row blocks, each with a oneDNN-packed copy, see
+    :mod:`gemma3n.text_model.packed_weights`); then ``softcap * tanh(logits / softcap)`` when a final soft-cap is
+    set."""
     rows = hidden.numel() // hidden.shape[-1]
     if lm_head is not None:  # a separate head (untied, or the quantized copy from gemma3n.quantize)
         logits = lm_head(hidden)
-    elif packed and hidden.device.type == "cpu":
-        logits = packed_product(hidden, table)
+    elif packed_blocks and hidden.device.type == "cpu":
+        logits = torch.cat([packed_product(hidden, block) for block in packed_blocks], dim=-1)  # [B, T, vocab]
     elif hidden.device.type == "cpu" and traced_small_product(rows, table):
         logits = fused_small_product(hidden, table)  # a compiled one-row step, where that streams the table fastest
     elif use_weight_major(hidden, table):

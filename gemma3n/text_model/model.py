@@ -45,7 +45,8 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(H, eps=config.rms_norm_eps)
         # optional separate LM head (e.g. a quantized copy of the tied table, see gemma3n.quantize); None: tied weight
         self.lm_head: nn.Module | None = None
-        self.packed_head = False  # the tied table has a oneDNN-packed copy for the head (packed_weights)
+        # row blocks of the tied table that have oneDNN-packed copies for the head (packed_weights); () for none
+        self.packed_head: tuple[torch.Tensor, ...] = ()
 
     def enable_sparse_decode(self, enable: bool = True) -> int:
         """CPU decode steps skip the inactive channels of the sparse MLP layers (see
@@ -70,7 +71,7 @@ class TextModel(nn.Module):
         """Token embeddings scaled by sqrt(hidden) (the scale rounded to the weight dtype). [B, T] -> [B, T, H]"""
         weight = self.embed_tokens.weight
         # the tied LM head (no separate head, no packed copy) reads the whole table every step: keep it mapped then
-        release = self.lm_head is not None or self.packed_head
+        release = self.lm_head is not None or bool(self.packed_head)
         rows = gather_rows(self.embed_tokens, input_ids.to(weight.device), release=release)
         return rows * in_dtype(self.config.embed_scale, weight.dtype)
 

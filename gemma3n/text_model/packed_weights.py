@@ -33,6 +33,7 @@ from .linear import (
     _best_seconds,
     _probe_operands,
     pack_weight,
+    packed_copy,
     packed_product,
     unpack_weight,
 )
@@ -43,6 +44,7 @@ PACKED_WEIGHTS_ENV = "GEMMA3N_PACKED_WEIGHTS"  # "1": pack whenever possible, "0
 # steps 192 instead of 385 (eager) and 195 instead of 310 (compiled): break-even after about 245 and 40-65 steps.
 # Both the cost and the saving scale with the weight bytes, so these hold for other model sizes too.
 PACK_PAYS_AFTER_STEPS = {1: 256, 2: 64}  # rows per step (1, or 2 and more) -> planned steps
+HEAD_BLOCK_ROWS = 32768  # rows of the tied LM head table per packed block (128 MB of E2B's bf16 table)
 MIN_SPEEDUP = 1.1  # the packed product must be this much faster than F.linear on this CPU (probe) to pack
 _speedups: dict[int, float] = {}  # rows -> F.linear time / packed time on the probe weight, measured once
 
@@ -80,8 +82,9 @@ def packable_linears(decoder: nn.Module) -> list[Linear]:
 
 
 def pack_decoder(decoder: nn.Module, enable: bool = True) -> int:
-    """Give every packable ``Linear`` of ``decoder`` (and its tied LM head table) a oneDNN-packed copy, or drop the
-    copies (``enable=False``); returns how many weights have one afterwards."""
+    """Give every packable ``Linear`` of ``decoder`` (and its tied LM head table, in blocks of ``HEAD_BLOCK_ROWS``
+    rows) a oneDNN-packed copy, or drop the copies (``enable=False``); returns how many weights and head blocks have
+    one afterwards."""
     table = decoder.embed_tokens.weight
     tied = decoder.lm_head is None and table.device.type == "cpu" and table.dtype == torch.bfloat16
     keep_resident = _sparse_up_weights(decoder)
@@ -95,20 +98,27 @@ def pack_decoder(decoder: nn.Module, enable: bool = True) -> int:
             unpack_weight(module.weight)
             module.packed = False
         count += module.packed
-    if tied:
-        if enable:
-            decoder.packed_head = pack_weight(table, mappings=mappings)
-        else:
-            unpack_weight(table)
-            decoder.packed_head = False
-        count += decoder.packed_head
+    current = decoder.packed_head
+    if enable and tied and current and current[0].data_ptr() == table.data_ptr():
+        if all(packed_copy(block) is not None for block in current):
+            return count + len(current)  # the head is packed already
+    for block in current:
+        unpack_weight(block)
+    decoder.packed_head = ()
+    if tied and enable:
+        # in row blocks: each block's dense pages are dropped as soon as its copy exists, so packing the 1.07 GB E2B
+        # head holds one block twice, not the whole table
+        blocks = table.detach().split(HEAD_BLOCK_ROWS)  # views, kept alive by the decoder (the copies' keys)
+        if all(pack_weight(block, mappings=mappings) for block in blocks):
+            decoder.packed_head = blocks
+        count += len(decoder.packed_head)
     return count
 
 
 def is_packed(model: Any) -> bool:
     """Whether the model's decoder has its packed copies (:func:`pack_decoder`)."""
     decoder = decoder_of(model)
-    return decoder is not None and (decoder.packed_head or any(m.packed for m in packable_linears(decoder)))
+    return decoder is not None and (bool(decoder.packed_head) or any(m.packed for m in packable_linears(decoder)))
 
 
 @torch.compiler.disable
