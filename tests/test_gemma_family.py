@@ -331,7 +331,7 @@ def test_packed_bf16_weights_give_the_dense_logits(tmp_path, family, monkeypatch
     roundings (2e-2 relative, as in test_packed_weights)."""
     from gemma3n.text_model import packed_weights
 
-    monkeypatch.setattr(packed_weights, "SMALL_WEIGHT_ELEMENTS", 0)  # the test model's weights are all small
+    monkeypatch.setattr(packed_weights, "MIN_PACKED_ELEMENTS", 0)  # the test model's weights are all small
     path, _ = saved(tmp_path, family, "causal")
     model = gemma3n.load(path, dtype="bfloat16")
     ids, mask = padded_batch()

@@ -80,7 +80,7 @@ def test_without_a_copy_the_product_is_f_linear_and_copies_die_with_their_weight
 @pytest.fixture
 def bf16_lm(tiny_lm, monkeypatch):
     """The tiny model in bf16, with every weight counted as large enough to pack (tiny weights are all small)."""
-    monkeypatch.setattr(packed_weights, "SMALL_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(packed_weights, "MIN_PACKED_ELEMENTS", 0)
     monkeypatch.setattr(packed_weights, "HEAD_BLOCK_ROWS", 128)  # the 300-row tied head in 3 blocks, as E2B's in 8
     monkeypatch.delenv(packed_weights.PACKED_WEIGHTS_ENV, raising=False)
     return gemma3n.load(tiny_lm[1], dtype=torch.bfloat16)
@@ -185,7 +185,7 @@ def test_generate_packs_a_batched_job_that_pays(bf16_lm, monkeypatch):
 @pytest.fixture
 def cheap_packing(monkeypatch):
     """Every tiny-random weight packable, packing measured 1.5x faster, and 4 planned steps of 2 rows enough."""
-    monkeypatch.setattr(packed_weights, "SMALL_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(packed_weights, "MIN_PACKED_ELEMENTS", 0)
     monkeypatch.setattr(packed_weights, "packing_speedup", lambda rows: 1.5)
     monkeypatch.setattr(packed_weights, "PACK_PAYS_AFTER_STEPS", {1: 1000, 2: 4})
     monkeypatch.delenv(packed_weights.PACKED_WEIGHTS_ENV, raising=False)

@@ -296,7 +296,9 @@ def linear_product(
     :func:`packed_product`; for few rows on a CPU, through :func:`fused_small_product` (a small weight, traced by
     torch.compile) or :func:`weight_major_product` (bf16, where that kernel is the faster: :func:`use_weight_major`)."""
     if packed and bias is None and x.device.type == "cpu":
-        return packed_product(x, weight)
+        # a compiled one-row step keeps a small weight's fused multiply-and-sum (it fuses with the ops around it)
+        if not (x.numel() == x.shape[-1] and weight.numel() <= SMALL_WEIGHT_ELEMENTS and torch.compiler.is_compiling()):
+            return packed_product(x, weight)
     if x.device.type == "cpu" and bias is None and x.numel() <= FEW_ROWS * x.shape[-1]:
         if traced_small_product(x.numel() // x.shape[-1], weight):
             return fused_small_product(x, weight)

@@ -44,6 +44,11 @@ PACKED_WEIGHTS_ENV = "GEMMA3N_PACKED_WEIGHTS"  # "1": pack whenever possible, "0
 # steps 192 instead of 385 (eager) and 195 instead of 310 (compiled): break-even after about 245 and 40-65 steps.
 # Both the cost and the saving scale with the weight bytes, so these hold for other model sizes too.
 PACK_PAYS_AFTER_STEPS = {1: 256, 2: 64}  # rows per step (1, or 2 and more) -> planned steps
+# Weights this small stay plain: a product's call costs more than its bytes. Weights up to SMALL_WEIGHT_ELEMENTS (E2B's
+# per-layer gate and projection, LAuReL) are packed for steps of several rows, where inductor's fused 4-row
+# reductions read them at 5-11 GB/s (0.5-0.7 ms of each layer of a 4-row E2B step), but compiled one-row steps keep
+# their fused multiply-and-sum over the dense weight, whose pages therefore stay resident (75 MB for E2B).
+MIN_PACKED_ELEMENTS = 1 << 16
 HEAD_BLOCK_ROWS = 32768  # rows of the tied LM head table per packed block (128 MB of E2B's bf16 table)
 MIN_SPEEDUP = 1.1  # the packed product must be this much faster than F.linear on this CPU (probe) to pack
 _speedups: dict[int, float] = {}  # rows -> F.linear time / packed time on the probe weight, measured once
@@ -68,8 +73,8 @@ def _sparse_up_weights(decoder: nn.Module) -> set[int]:
 
 
 def packable_linears(decoder: nn.Module) -> list[Linear]:
-    """The decoder's ``Linear`` layers whose products a packed copy speeds up: bf16 CPU weights, bias-free, larger
-    than the small weights that compiled steps fuse with their neighbours."""
+    """The decoder's ``Linear`` layers whose products a packed copy speeds up: bf16 CPU weights, bias-free, of more
+    than ``MIN_PACKED_ELEMENTS`` elements."""
     return [
         module
         for module in decoder.modules()
@@ -77,7 +82,7 @@ def packable_linears(decoder: nn.Module) -> list[Linear]:
         and module.bias is None
         and module.weight.device.type == "cpu"
         and module.weight.dtype == torch.bfloat16
-        and module.weight.numel() > SMALL_WEIGHT_ELEMENTS
+        and module.weight.numel() > MIN_PACKED_ELEMENTS
     ]
 
 
@@ -92,7 +97,8 @@ def pack_decoder(decoder: nn.Module, enable: bool = True) -> int:
     count = 0
     for module in packable_linears(decoder):
         if enable:
-            release = id(module.weight) not in keep_resident
+            small = module.weight.numel() <= SMALL_WEIGHT_ELEMENTS  # read dense by compiled one-row steps
+            release = id(module.weight) not in keep_resident and not small
             module.packed = pack_weight(module.weight, release=release, mappings=mappings)
         else:
             unpack_weight(module.weight)
