@@ -148,17 +148,15 @@ def pack_pays(model: Any, rows: int, steps: int, compiled: bool) -> bool:
     least ``PACK_PAYS_AFTER_STEPS[1 or 2 rows]`` of them, and the packed product measured faster here
     (``MIN_SPEEDUP``).
     ``GEMMA3N_PACKED_WEIGHTS=1`` / ``0`` overrides the job and speed conditions."""
+    setting = os.environ.get(PACKED_WEIGHTS_ENV)
+    if setting not in (None, "", "0", "1"):
+        raise ValueError(f"{PACKED_WEIGHTS_ENV}={setting!r}: use 1 (pack) or 0 (never)")
+    if setting == "0" or (not setting and ((compiled and rows == 1) or steps < PACK_PAYS_AFTER_STEPS[min(rows, 2)])):
+        return False  # decided without walking the model: what most generate calls hit
     decoder = decoder_of(model)
     if decoder is None or not packable_linears(decoder):
         return False
-    setting = os.environ.get(PACKED_WEIGHTS_ENV)
-    if setting:
-        if setting not in ("0", "1"):
-            raise ValueError(f"{PACKED_WEIGHTS_ENV}={setting!r}: use 1 (pack) or 0 (never)")
-        return setting == "1"
-    if compiled and rows == 1:
-        return False
-    return steps >= PACK_PAYS_AFTER_STEPS[min(rows, 2)] and packing_speedup(rows) >= MIN_SPEEDUP
+    return setting == "1" or packing_speedup(rows) >= MIN_SPEEDUP
 
 
 def pack_if_pays(model: Any, rows: int, steps: int, compiled: bool) -> bool:
