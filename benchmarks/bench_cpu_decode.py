@@ -176,6 +176,10 @@ def run_child(args) -> dict:
         result[f"decode_b{batch}_step_s"] = steps
         result[f"decode_b{batch}_tok_s"] = batch / statistics.median(steps)
     result["peak_rss_gb"] = peak_rss_gb()
+    if library == "gemma3n":
+        from gemma3n.text_model.row_kernel import row_kernel_status
+
+        result["row_kernel"] = row_kernel_status()  # "on", or "off: why" (bf16 few-row products)
     return result
 
 
@@ -249,6 +253,8 @@ def summarize(rounds: list[dict], impls: list[str]) -> dict:
             row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
         for key in ("packed_b1", "packed_b4"):
             row[key] = any(res.get(key) for _, res in ok)
+        if any("row_kernel" in res for _, res in ok):
+            row["row_kernel"] = sorted({res["row_kernel"] for _, res in ok if "row_kernel" in res})
         packing = [res["pack_s"] for _, res in ok if "pack_s" in res]
         if packing:
             row["pack_s"] = {"median": statistics.median(packing), "min": min(packing), "max": max(packing)}
@@ -357,6 +363,13 @@ def markdown(results: dict) -> str:
         for impl, row in results["summary"].items()
         if row.get("packed_b1") or row.get("packed_b4")
     ]
+    row_kernel = [
+        f"{impl} {', '.join(row['row_kernel'])}"
+        for impl, row in results["summary"].items()
+        if row.get("row_kernel") and "bf16" in impl
+    ]
+    if row_kernel:
+        lines.append("gemma3n's bf16 row kernel (gemma3n.text_model.row_kernel): " + "; ".join(row_kernel) + ".")
     if packed:
         lines.append(
             f"bf16 weights packed for oneDNN (gemma3n.text_model.packed_weights), as a job of "

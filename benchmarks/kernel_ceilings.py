@@ -7,7 +7,9 @@ product per weight for 1 and 4 rows; GB/s counts the bytes of the weight (and it
 ``bytes read per token / GB/s`` is the time a decode step would take with no other work.
 
 Kernels: bf16 as the weight-major product of ``gemma3n.text_model.linear`` and as ``F.linear`` (transformers) runs
-it, of which gemma3n takes the faster on this CPU (``few_row_bf16_kernel``, recorded as ``bf16_few_row_kernel``); int8
+it, of which gemma3n takes the faster on this CPU (``few_row_bf16_kernel``, recorded as ``bf16_few_row_kernel``),
+bf16 with oneDNN's packed copy, and bf16 through gemma3n's row kernel (``gemma3n.text_model.row_kernel``, where the
+CPU has AVX512-BF16: what gemma3n's unpacked decode steps use for 1-4 rows); int8
 per-channel weight-only (``torch._weight_int8pack_mm``, gemma3n's int8); int4 group-wise
 (``torch._weight_int4pack_mm_for_cpu``, gemma3n's int4); and, measured but not used, fbgemm's dynamic int8 GEMM
 (``torch.ops.quantized.linear_dynamic``), which also quantizes the activations (see the note in the results).
@@ -62,6 +64,7 @@ def _kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], t
     """name -> (product of rows [n, in] with this weight, bytes the product reads)."""
     from gemma3n.quantize import Int4Linear, Int8Linear
     from gemma3n.text_model.linear import pack_weight, packed_product, weight_major_product
+    from gemma3n.text_model.row_kernel import row_kernel_product, uses_row_kernel
 
     int8 = Int8Linear.from_weight(weight)
     pack_weight(weight)  # the copy lives as long as ``weight`` (the lambda below keeps it)
@@ -73,6 +76,9 @@ def _kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], t
         "int8 weight-only (gemma3n)": (int8, int8.qweight.numel() + int8.scales.numel() * 2),
         "int4 g64 (gemma3n)": (int4, int4.packed.numel() + int4.scales_and_zeros.numel() * 2),
     }
+    x = torch.zeros(1, weight.shape[1], dtype=torch.bfloat16)
+    if uses_row_kernel(x, weight):  # the CPU has AVX512-BF16 and the kernel built
+        out["bf16 row kernel (gemma3n)"] = (lambda x: row_kernel_product(x, weight), weight.numel() * 2)
     if "fbgemm" in torch.backends.quantized.supported_engines:
         out["int8 fbgemm dynamic (not used)"] = (_fbgemm_int8(weight), weight.numel() + weight.shape[0] * 8)
     return out

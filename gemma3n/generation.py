@@ -23,6 +23,7 @@ from .cuda_graphs import CudaGraphDecodeStep, cuda_graphs_supported
 from .text_model import KVCache
 from .text_model.linear import few_row_bf16_kernel, measure_fused_row_product
 from .text_model.packed_weights import pack_if_pays
+from .text_model.row_kernel import prepare_row_kernel
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -207,6 +208,7 @@ def compiled_decode_step(model: Any) -> Callable[..., torch.Tensor]:
         if next(model.parameters()).device.type == "cpu":  # measured now if at all, not while the step is traced
             dtypes = {t.dtype for t in itertools.chain(model.parameters(), model.buffers())}
             if torch.bfloat16 in dtypes:  # the probes only serve bf16 and int8 weights (fp32 models skip them)
+                prepare_row_kernel()  # built and loaded now: a traced step cannot build it
                 few_row_bf16_kernel()
             if dtypes & {torch.bfloat16, torch.int8}:
                 measure_fused_row_product()

@@ -17,6 +17,7 @@ from .linear import (
     use_weight_major,
     weight_major_columns,
 )
+from .row_kernel import row_kernel_product, uses_row_kernel
 
 
 @dataclass
@@ -42,6 +43,8 @@ def lm_head_logits(
         logits = lm_head(hidden)
     elif packed_blocks and hidden.device.type == "cpu":
         logits = torch.cat([packed_product(hidden, block) for block in packed_blocks], dim=-1)  # [B, T, vocab]
+    elif uses_row_kernel(hidden, table):
+        logits = row_kernel_product(hidden, table)  # few rows: the table streamed at read bandwidth
     elif hidden.device.type == "cpu" and traced_small_product(rows, table):
         logits = fused_small_product(hidden, table)  # a compiled one-row step, where that streams the table fastest
     elif use_weight_major(hidden, table):

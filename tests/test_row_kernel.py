@@ -1,0 +1,144 @@
+"""The CPU row kernel: 1-4 bf16 rows against a dense bf16 weight (gemma3n/text_model/row_kernel.py and
+csrc/few_row_products.cpp).
+
+Bound against float64, as for any bf16 product (see test_packed_weights.py): one bf16 rounding of each output (2^-8
+relative) plus float32 summation error, at most ``in * 2^-24`` of the sum of |terms| (VDPBF16PS forms each product of
+two bf16 values exactly in float32). The kernel is built wherever the CPU has AVX512-BF16; elsewhere the tests check
+that products keep the other kernels and that the reason is given.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_packed_weights import _left_padded_batch, _teacher_forced_logits, within_product_bound
+
+import gemma3n
+from gemma3n.text_model import linear, row_kernel
+from gemma3n.text_model.row_kernel import (
+    cpu_has_bf16_dot,
+    row_kernel_product,
+    row_kernel_status,
+    uses_row_kernel,
+)
+
+needs_kernel = pytest.mark.skipif(not cpu_has_bf16_dot(), reason="the CPU has no AVX512-BF16: checked by the next test")
+
+
+def test_the_kernel_is_built_exactly_where_the_cpu_has_bf16_dot_products():
+    status = row_kernel_status()
+    if cpu_has_bf16_dot():
+        assert status == "on", f"the row kernel did not build on a CPU with AVX512-BF16: {status}"
+    else:
+        assert status == "off: the CPU has no AVX512-BF16"
+        x, weight = torch.randn(1, 64).bfloat16(), torch.randn(1 << 20, 64).bfloat16()
+        assert not uses_row_kernel(x, weight)
+        assert within_product_bound(linear.linear_product(x, weight), x, weight)  # the other kernels serve
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("inputs", [2048, 64, 96, 33, 8200])  # whole and partial groups of 32 values
+def test_products_match_the_float64_product(rows, inputs):
+    generator = torch.Generator().manual_seed(rows * 10_000 + inputs)
+    weight = torch.randn(1000, inputs, generator=generator).bfloat16()
+    x = torch.randn(rows, inputs, generator=generator).bfloat16()
+    got = row_kernel_product(x, weight)
+    assert got.shape == (rows, 1000) and got.dtype == torch.bfloat16
+    assert within_product_bound(got, x, weight)
+    assert within_product_bound(F.linear(x, weight), x, weight)  # the reference product keeps the same bound
+
+
+@needs_kernel
+def test_leading_dimensions_views_and_the_products_that_do_not_qualify():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(640, 256, generator=generator).bfloat16()
+    x = torch.randn(2, 1, 512, generator=generator).bfloat16()[..., ::2]  # [2, 1, 256], not contiguous
+    got = row_kernel_product(x, weight)
+    assert got.shape == (2, 1, 640)
+    assert torch.equal(got.reshape(2, 640), row_kernel_product(x.reshape(2, 256).contiguous(), weight))
+    assert uses_row_kernel(x, weight)
+    assert not uses_row_kernel(torch.zeros(5, 256).bfloat16(), weight)  # more than 4 rows: prefill keeps oneDNN
+    assert not uses_row_kernel(x.float(), weight.float())  # float32 keeps the reference's kernels
+    assert not uses_row_kernel(x, weight.t())  # a transposed (non-contiguous) weight
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        torch.ops.gemma3n_cpu.bf16_few_row_product(torch.zeros(5, 256).bfloat16(), weight)
+
+
+@needs_kernel
+def test_linear_layers_use_it_for_large_weights_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(linear, "row_kernel_product", lambda x, w: calls.append(w.shape) or row_kernel_product(x, w))
+    small = torch.randn(64, 64).bfloat16()
+    large = torch.randn(linear.SMALL_WEIGHT_ELEMENTS // 64 + 1, 64).bfloat16()
+    x = torch.randn(1, 64).bfloat16()
+    assert torch.equal(linear.linear_product(x, small), F.linear(x, small))
+    assert within_product_bound(linear.linear_product(x, large), x, large)
+    assert calls == [large.shape]
+
+
+@needs_kernel
+def test_a_model_decodes_the_same_through_the_kernel_eager_and_compiled(tiny_lm, monkeypatch):
+    """Every few-row product of the tiny bf16 model through the kernel (its weights all count as large): the same
+    logits as with the kernel off, up to summation order; the compiled step's graph calls the kernel too."""
+    from gemma3n.generation import compiled_decode_step, decode_step
+
+    model = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16)
+    ids, mask = _left_padded_batch()
+    with torch.inference_mode():
+        monkeypatch.setattr(row_kernel, "_loaded", False)  # off: oneDNN and the fused reductions
+        plain = _teacher_forced_logits(model, ids, mask, decode_step)
+        monkeypatch.setattr(row_kernel, "_loaded", True)
+        monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
+        traced = []
+        counted = lambda x, w: traced.append(x.shape) or row_kernel_product(x, w)  # noqa: E731
+        monkeypatch.setattr(linear, "row_kernel_product", counted)
+        eager = _teacher_forced_logits(model, ids, mask, decode_step)
+        eager_calls = len(traced)
+        compiled = _teacher_forced_logits(model, ids, mask, compiled_decode_step(model))
+    assert eager_calls > 0 and len(traced) > eager_calls  # the compiled step traced the kernel's op
+    for got in (eager, compiled):  # a few bf16 roundings of the layers' outputs apart, as for packed weights
+        rel = ((got - plain).norm() / plain.norm()).item()
+        assert rel < 2e-2, rel
+
+
+def _status_in_a_fresh_process(env_value: str) -> subprocess.CompletedProcess:
+    code = "from gemma3n.text_model.row_kernel import row_kernel_status; print(row_kernel_status())"
+    env = {**os.environ, row_kernel.ROW_KERNEL_ENV: env_value}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_setting_turns_it_off_and_a_bad_value_is_named():
+    off = _status_in_a_fresh_process("0")
+    assert off.returncode == 0 and off.stdout.strip() == "off: GEMMA3N_ROW_KERNEL=0", off.stderr
+    bad = _status_in_a_fresh_process("yes")
+    assert bad.returncode != 0 and "GEMMA3N_ROW_KERNEL='yes'" in bad.stderr
+
+
+def test_without_a_compiler_products_fall_back_with_one_line_of_reason(tmp_path):
+    """A machine where the build fails (here: no C++ compiler on PATH) keeps the other kernels and says why once."""
+    code = (
+        "import torch\n"
+        "from gemma3n.text_model import row_kernel, linear\n"
+        "row_kernel.cpu_has_bf16_dot = lambda: True\n"  # as on a machine that has the instructions
+        "x, w = torch.randn(1, 64).bfloat16(), torch.randn(1 << 14, 64).bfloat16()\n"
+        "assert torch.equal(linear.linear_product(x, w), torch.nn.functional.linear(x, w))\n"
+        "print(row_kernel.row_kernel_status())\n"
+    )
+    env = {
+        **os.environ,
+        "PATH": str(tmp_path),  # no c++, no ninja
+        "CXX": "/nonexistent/c++",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),  # nothing cached from earlier builds
+        linear.FEW_ROW_KERNEL_ENV: "linear",  # F.linear, not the weight-major product, after the row kernel
+    }
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith("off: building it failed"), run.stdout
+    reasons = [line for line in run.stderr.splitlines() if "row kernel is off" in line]
+    assert len(reasons) == 1, run.stderr
