@@ -177,7 +177,7 @@ def run_child(args) -> dict:
         result[f"decode_b{batch}_tok_s"] = batch / statistics.median(steps)
     result["peak_rss_gb"] = peak_rss_gb()
     if library == "gemma3n":
-        from gemma3n.text_model.row_kernel import row_kernel_status
+        from gemma3n.row_kernels import row_kernel_status
 
         result["row_kernel"] = row_kernel_status()  # "on", or "off: why" (bf16 few-row products)
     return result
@@ -369,7 +369,7 @@ def markdown(results: dict) -> str:
         if row.get("row_kernel") and "bf16" in impl
     ]
     if row_kernel:
-        lines.append("gemma3n's bf16 row kernel (gemma3n.text_model.row_kernel): " + "; ".join(row_kernel) + ".")
+        lines.append("gemma3n's bf16 row kernel (gemma3n.row_kernels): " + "; ".join(row_kernel) + ".")
     if packed:
         lines.append(
             f"bf16 weights packed for oneDNN (gemma3n.text_model.packed_weights), as a job of "

@@ -8,7 +8,7 @@ product per weight for 1 and 4 rows; GB/s counts the bytes of the weight (and it
 
 Kernels: bf16 as the weight-major product of ``gemma3n.text_model.linear`` and as ``F.linear`` (transformers) runs
 it, of which gemma3n takes the faster on this CPU (``few_row_bf16_kernel``, recorded as ``bf16_few_row_kernel``),
-bf16 with oneDNN's packed copy, and bf16 through gemma3n's row kernel (``gemma3n.text_model.row_kernel``, where the
+bf16 with oneDNN's packed copy, and bf16 through gemma3n's row kernel (``gemma3n.row_kernels``, where the
 CPU has AVX512-BF16: what gemma3n's unpacked decode steps use for 1-4 rows); int8
 per-channel weight-only (``torch._weight_int8pack_mm``, gemma3n's int8); int4 group-wise
 (``torch._weight_int4pack_mm_for_cpu``, gemma3n's int4); and, measured but not used, fbgemm's dynamic int8 GEMM
@@ -63,8 +63,8 @@ def _fbgemm_int8(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
 def _kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]]:
     """name -> (product of rows [n, in] with this weight, bytes the product reads)."""
     from gemma3n.quantize import Int4Linear, Int8Linear
+    from gemma3n.row_kernels import row_kernel_product, uses_row_kernel
     from gemma3n.text_model.linear import pack_weight, packed_product, weight_major_product
-    from gemma3n.text_model.row_kernel import row_kernel_product, uses_row_kernel
 
     int8 = Int8Linear.from_weight(weight)
     pack_weight(weight)  # the copy lives as long as ``weight`` (the lambda below keeps it)

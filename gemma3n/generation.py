@@ -20,10 +20,10 @@ import torch
 
 from .compile_policy import AUTO, resolve_compile
 from .cuda_graphs import CudaGraphDecodeStep, cuda_graphs_supported
+from .row_kernels import prepare_row_kernel
 from .text_model import KVCache
 from .text_model.linear import few_row_bf16_kernel, measure_fused_row_product
 from .text_model.packed_weights import pack_if_pays
-from .text_model.row_kernel import prepare_row_kernel
 
 DEFAULT_MAX_NEW_TOKENS = 256
 

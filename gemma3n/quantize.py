@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from .mapped_pages import file_mappings, release_mapped_pages
 from .quantized_kernels import int4_product, int8_product
-from .text_model.linear import fused_int8_product, traced_small_product
+from .row_kernels import uses_int8_row_kernel
+from .text_model.linear import SMALL_WEIGHT_ELEMENTS, fused_int8_product, traced_small_product
 
 QUANTIZE_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP_SIZE = 64
@@ -239,7 +240,10 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
             return int8_prefill_linear(x, self.qweight, self.scales)
-        if traced_small_product(rows.shape[0], self.qweight):
+        large = self.qweight.numel() > SMALL_WEIGHT_ELEMENTS  # read by the VNNI row kernel where it is ready
+        if traced_small_product(rows.shape[0], self.qweight) and not (
+            large and uses_int8_row_kernel(rows, self.qweight)
+        ):
             # a small (or, for one row, fast-fused) weight as a multiply-and-sum (see gemma3n.text_model.linear)
             out = fused_int8_product(rows, self.qweight, scales)
         else:

@@ -1,17 +1,24 @@
-"""torch's CPU weight-only kernels as the quantized layers call them.
+"""The CPU weight-only kernels as the quantized layers call them: torch's, and for int8 products of 1-4 rows our VNNI
+row kernel where it is ready (:mod:`gemma3n.row_kernels`).
 
 Shared by the quantized layers (:mod:`gemma3n.quantize`) and the sparse decode products
-(:mod:`gemma3n.text_model.sparse_decode`); imports nothing of gemma3n, so both can use it.
+(:mod:`gemma3n.text_model.sparse_decode`); imports only :mod:`gemma3n.row_kernels` (which imports nothing of gemma3n),
+so both can use it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .row_kernels import int8_row_kernel_product, uses_int8_row_kernel
+
 
 def int8_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``rows @ (qweight * scales)^T`` [n, out] through ``torch._weight_int8pack_mm``: rows [n, in] (float),
-    qweight [out, in] int8, scales [out] (converted to the rows' dtype, as the kernel needs)."""
+    """``rows @ (qweight * scales)^T`` [n, out]: rows [n, in] (float), qweight [out, in] int8, scales [out]. 1-4
+    bf16 rows go through the VNNI row kernel where it is ready, others through ``torch._weight_int8pack_mm`` (scales
+    converted to the rows' dtype, as that kernel needs)."""
+    if uses_int8_row_kernel(rows, qweight):
+        return int8_row_kernel_product(rows, qweight, scales)
     scales = scales if scales.dtype == rows.dtype else scales.to(rows.dtype)
     return torch._weight_int8pack_mm(rows.contiguous(), qweight, scales)
 

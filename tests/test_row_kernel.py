@@ -1,4 +1,4 @@
-"""The CPU row kernel: 1-4 bf16 rows against a dense bf16 weight (gemma3n/text_model/row_kernel.py and
+"""The CPU row kernel: 1-4 bf16 rows against a dense bf16 weight (gemma3n/row_kernels.py and
 csrc/few_row_products.cpp).
 
 Bound against float64, as for any bf16 product (see test_packed_weights.py): one bf16 rounding of each output (2^-8
@@ -19,23 +19,27 @@ import torch.nn.functional as F
 from test_packed_weights import _left_padded_batch, _teacher_forced_logits, within_product_bound
 
 import gemma3n
-from gemma3n.text_model import linear, row_kernel
-from gemma3n.text_model.row_kernel import (
-    cpu_has_bf16_dot,
+from gemma3n import quantize, quantized_kernels, row_kernels
+from gemma3n.row_kernels import (
+    cpu_has_row_kernel_instructions,
     row_kernel_product,
     row_kernel_status,
+    uses_int8_row_kernel,
     uses_row_kernel,
 )
+from gemma3n.text_model import linear
 
-needs_kernel = pytest.mark.skipif(not cpu_has_bf16_dot(), reason="the CPU has no AVX512-BF16: checked by the next test")
+needs_kernel = pytest.mark.skipif(
+    not cpu_has_row_kernel_instructions(), reason="no AVX512-BF16 and VNNI: the next test checks the fallback"
+)
 
 
-def test_the_kernel_is_built_exactly_where_the_cpu_has_bf16_dot_products():
+def test_the_kernel_is_built_exactly_where_the_cpu_has_the_instructions():
     status = row_kernel_status()
-    if cpu_has_bf16_dot():
+    if cpu_has_row_kernel_instructions():
         assert status == "on", f"the row kernel did not build on a CPU with AVX512-BF16: {status}"
     else:
-        assert status == "off: the CPU has no AVX512-BF16"
+        assert status == "off: the CPU lacks AVX512-BF16 or AVX512-VNNI"
         x, weight = torch.randn(1, 64).bfloat16(), torch.randn(1 << 20, 64).bfloat16()
         assert not uses_row_kernel(x, weight)
         assert within_product_bound(linear.linear_product(x, weight), x, weight)  # the other kernels serve
@@ -91,9 +95,9 @@ def test_a_model_decodes_the_same_through_the_kernel_eager_and_compiled(tiny_lm,
     model = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16)
     ids, mask = _left_padded_batch()
     with torch.inference_mode():
-        monkeypatch.setattr(row_kernel, "_loaded", False)  # off: oneDNN and the fused reductions
+        monkeypatch.setattr(row_kernels, "_loaded", False)  # off: oneDNN and the fused reductions
         plain = _teacher_forced_logits(model, ids, mask, decode_step)
-        monkeypatch.setattr(row_kernel, "_loaded", True)
+        monkeypatch.setattr(row_kernels, "_loaded", True)
         monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
         traced = []
         counted = lambda x, w: traced.append(x.shape) or row_kernel_product(x, w)  # noqa: E731
@@ -108,8 +112,8 @@ def test_a_model_decodes_the_same_through_the_kernel_eager_and_compiled(tiny_lm,
 
 
 def _status_in_a_fresh_process(env_value: str) -> subprocess.CompletedProcess:
-    code = "from gemma3n.text_model.row_kernel import row_kernel_status; print(row_kernel_status())"
-    env = {**os.environ, row_kernel.ROW_KERNEL_ENV: env_value}
+    code = "from gemma3n.row_kernels import row_kernel_status; print(row_kernel_status())"
+    env = {**os.environ, row_kernels.ROW_KERNEL_ENV: env_value}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -124,11 +128,11 @@ def test_without_a_compiler_products_fall_back_with_one_line_of_reason(tmp_path)
     """A machine where the build fails (here: no C++ compiler on PATH) keeps the other kernels and says why once."""
     code = (
         "import torch\n"
-        "from gemma3n.text_model import row_kernel, linear\n"
-        "row_kernel.cpu_has_bf16_dot = lambda: True\n"  # as on a machine that has the instructions
+        "from gemma3n import row_kernels\nfrom gemma3n.text_model import linear\n"
+        "row_kernels.cpu_has_row_kernel_instructions = lambda: True\n"  # as on a machine that has the instructions
         "x, w = torch.randn(1, 64).bfloat16(), torch.randn(1 << 14, 64).bfloat16()\n"
         "assert torch.equal(linear.linear_product(x, w), torch.nn.functional.linear(x, w))\n"
-        "print(row_kernel.row_kernel_status())\n"
+        "print(row_kernels.row_kernel_status())\n"
     )
     env = {
         **os.environ,
@@ -142,3 +146,81 @@ def test_without_a_compiler_products_fall_back_with_one_line_of_reason(tmp_path)
     assert run.stdout.strip().startswith("off: building it failed"), run.stdout
     reasons = [line for line in run.stderr.splitlines() if "row kernel is off" in line]
     assert len(reasons) == 1, run.stderr
+
+
+# ---- int8 weights (AVX512-VNNI) -------------------------------------------------------------------------------------
+def within_int8_bound(got: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """``got`` = x @ (qweight * scales).T within the kernel's two roundings: each x row to 16-bit fixed point (at most
+    2^-16 of the row's largest |value| per value, times sum |w * scale|) and the output to its dtype (2^-8 relative for
+    bf16, 2^-24 for float32); the integer sums are exact."""
+    weight = qweight.double() * scales.double()[:, None]
+    exact = x.double() @ weight.T
+    largest = x.double().abs().amax(-1, keepdim=True)
+    fixed_point = 2**-16 * largest * weight.abs().sum(1)  # [m, out]
+    output = 2**-8 if got.dtype == torch.bfloat16 else 2**-24
+    bound = output * (exact.abs() + fixed_point) + fixed_point * (1 + 1e-6) + 1e-30
+    return bool(((got.double() - exact).abs() <= bound).all())
+
+
+def _int8_operands(rows: int, inputs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-127, 128, (700, inputs), generator=generator, dtype=torch.int8)
+    scales = (torch.rand(700, generator=generator) * 0.01 + 1e-3).bfloat16()
+    x = torch.randn(rows, inputs, generator=generator) * torch.logspace(-3, 1, inputs)  # values of many magnitudes
+    return x, qweight, scales
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("inputs", [2048, 8192, 100, 8200, 33])  # one block or several, whole or partial 64-byte groups
+def test_int8_products_stay_within_their_two_roundings(rows, inputs):
+    x, qweight, scales = _int8_operands(rows, inputs, seed=rows * 10_000 + inputs)
+    assert row_kernels.prepare_row_kernel()
+    for dtype in (torch.bfloat16, torch.float32):  # decode steps use bf16 rows; the op takes float32 too
+        got = row_kernels.int8_row_kernel_product(x.to(dtype), qweight, scales)
+        assert got.shape == (rows, 700) and got.dtype == dtype
+        assert within_int8_bound(got, x.to(dtype), qweight, scales), dtype
+
+
+@needs_kernel
+def test_int8_products_of_zero_and_non_finite_rows():
+    _, qweight, scales = _int8_operands(1, 64, seed=9)
+    x = torch.randn(3, 64)
+    x[1] = 0.0
+    x[2, 5] = float("nan")
+    assert row_kernels.prepare_row_kernel()
+    got = row_kernels.int8_row_kernel_product(x, qweight, scales)
+    assert within_int8_bound(got[:1], x[:1], qweight, scales)
+    assert torch.equal(got[1], torch.zeros(700)) and got[2].isnan().all()
+    bf16 = x.bfloat16()
+    assert uses_int8_row_kernel(bf16, qweight) and not uses_int8_row_kernel(x, qweight)  # float32 keeps torch's
+    assert torch.equal(
+        quantized_kernels.int8_product(bf16, qweight, scales),
+        row_kernels.int8_row_kernel_product(bf16, qweight, scales),
+    )
+
+
+@needs_kernel
+def test_int8_layers_use_it_eager_and_compiled(monkeypatch):
+    """An int8 layer's 1-4 row products go through the kernel, traced into a compiled graph as its op (not the
+    fused multiply-and-sum or torch's int8 kernel); more rows keep torch's kernel."""
+    from test_decode_speed import _GraphRecorder
+
+    from gemma3n.quantize import Int8Linear
+
+    monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(quantize, "SMALL_WEIGHT_ELEMENTS", 0)
+    weight = torch.randn(300, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    layer = Int8Linear.from_weight(weight)
+    x = torch.randn(2, 1, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    with torch.inference_mode():
+        eager = layer(x)
+        recorder = _GraphRecorder()
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend=recorder, fullgraph=True)(x)
+        torch._dynamo.reset()
+        many = layer(torch.randn(6, 128).bfloat16())
+    assert recorder.targets == [torch.ops.gemma3n_cpu.int8_few_row_product], recorder.targets
+    assert torch.equal(compiled, eager)
+    assert within_int8_bound(eager.reshape(2, 300), x.reshape(2, 128), layer.qweight, layer.scales)
+    assert many.shape == (6, 300)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..row_kernels import row_kernel_product, uses_row_kernel
 from .linear import (
     fused_small_product,
     packed_product,
@@ -17,7 +18,6 @@ from .linear import (
     use_weight_major,
     weight_major_columns,
 )
-from .row_kernel import row_kernel_product, uses_row_kernel
 
 
 @dataclass

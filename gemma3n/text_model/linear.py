@@ -13,7 +13,7 @@ from torch import nn
 
 from ..mapped_pages import release_mapped_pages
 from ..quantized_kernels import int8_product
-from .row_kernel import row_kernel_product, uses_row_kernel
+from ..row_kernels import row_kernel_product, uses_row_kernel
 
 FEW_ROWS = 4  # products with up to this many rows (decode of small batches) take the few-row paths below
 # Under torch.compile, few-row products with weights up to this size (1 MB in bf16) are traced as a multiply-and-sum
@@ -295,7 +295,7 @@ def linear_product(
 ) -> torch.Tensor:
     """``F.linear``; with ``packed`` (the weight has a copy from :func:`pack_weight`) through
     :func:`packed_product`; for few rows on a CPU, through the row kernel (a large bf16 weight, where the CPU has
-    AVX512-BF16: :mod:`gemma3n.text_model.row_kernel`), :func:`fused_small_product` (a small weight, traced by
+    AVX512-BF16: :mod:`gemma3n.row_kernels`), :func:`fused_small_product` (a small weight, traced by
     torch.compile) or :func:`weight_major_product` (bf16, where that kernel is the faster: :func:`use_weight_major`)."""
     if packed and bias is None and x.device.type == "cpu":
         # a compiled one-row step keeps a small weight's fused multiply-and-sum (it fuses with the ops around it)

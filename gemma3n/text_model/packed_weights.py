@@ -5,7 +5,7 @@ copy packed once in oneDNN's own layout (:func:`gemma3n.text_model.linear.pack_w
 EPYC (Zen 4, 2 cores) E2B's matrices streamed at 25-31 GB/s from 1 to 4 rows against 18-21 for ``F.linear``
 (``benchmarks/packed_products.py``), with the same bits, and prefill products ran 3-8% faster. Only the compiled
 one-row step reads the dense weights faster (inductor's fused reductions, 29-33 GB/s), so it keeps them. Where the
-CPU has AVX512-BF16, the row kernel (:mod:`gemma3n.text_model.row_kernel`) reads the dense weights of 1-4 row
+CPU has AVX512-BF16, the row kernel (:mod:`gemma3n.row_kernels`) reads the dense weights of 1-4 row
 products at the memory's read bandwidth; the probe (:func:`packing_speedup`) then times packing against it, and on the
 AMD EPYC packing no longer pays for one-row steps (and at best breaks even for four).
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..mapped_pages import file_mappings
+from ..row_kernels import row_kernel_product, uses_row_kernel
 from .linear import (
     FEW_ROWS,
     SMALL_WEIGHT_ELEMENTS,
@@ -40,7 +41,6 @@ from .linear import (
     packed_product,
     unpack_weight,
 )
-from .row_kernel import row_kernel_product, uses_row_kernel
 
 PACKED_WEIGHTS_ENV = "GEMMA3N_PACKED_WEIGHTS"  # "1": pack whenever possible, "0": never; unset: pack when it pays
 # Decode steps after which packing pays, for steps of one row and of several. Packing E2B took about 7.4 s on 2 cores
@@ -135,7 +135,7 @@ def is_packed(model: Any) -> bool:
 def packing_speedup(rows: int) -> float:
     """The dense weight's product time over the packed product's for ``rows`` rows of a 64 MB bf16 weight on this
     CPU (measured once per process and row count: best of three, after one untimed call). The dense product is the
-    one unpacked decode steps use: the row kernel where it is ready (:mod:`gemma3n.text_model.row_kernel`; on the AMD
+    one unpacked decode steps use: the row kernel where it is ready (:mod:`gemma3n.row_kernels`; on the AMD
     EPYC it read one row's weight faster than the packed product, so one-row jobs no longer pack), else ``F.linear``."""
     rows = min(max(rows, 1), FEW_ROWS)
     if rows not in _speedups:

@@ -1,4 +1,4 @@
-"""A CPU kernel for decode products: a few bf16 rows against a large dense bf16 weight, at the memory's read bandwidth.
+"""CPU kernels for decode products: a few rows against a large bf16 or int8 weight, at the memory's read bandwidth.
 
 A decode step multiplies 1-4 rows by every weight matrix, so its time is the time to read the weights. On an AMD EPYC
 (Zen 4, 2 cores) every library kernel we measured stalled at about 29-37 GB/s (oneDNN's ``F.linear`` 21, oneDNN with
@@ -6,10 +6,16 @@ a packed weight 29-37, inductor's fused reduction 32-35, inductor's C++ GEMM tem
 same bytes ran at 35-66 GB/s, depending on the machine's state. ``csrc/few_row_products.cpp`` streams each weight row
 once, in order, with AVX512-BF16 dot products: 58-64 GB/s for one row when a read ran at 60-66, and the read rate
 when that was 35 (``benchmarks/kernel_ceilings.py``). No library offers this product at that speed (oneDNN, torch's
-kernels and inductor's templates were measured), so it is our own, about 90 lines of C++.
+kernels and inductor's templates were measured), so it is our own C++.
+
+int8 weights (one scale per output row, :class:`gemma3n.quantize.Int8Linear`) go through AVX512-VNNI: each x row is
+rounded to 16-bit fixed point with its own scale (an error of at most 2^-16 of the row's largest value, far below the
+weights' int8 rounding), split into two bytes, and multiplied with the int8 weight in exact integer sums. torch's
+int8 kernel read E2B-sized weights at 21 GB/s for one row and 15 for four; this one at the read bandwidth for one row.
 
 It is compiled once per machine with torch's extension builder (a C++ compiler and ninja; a few seconds, cached in
-torch's extension directory) on the first product that can use it, and used only where the CPU has AVX512-BF16.
+torch's extension directory) on the first product that can use it, and used only where the CPU has AVX512-BF16 and
+AVX512-VNNI.
 ``GEMMA3N_ROW_KERNEL=0`` turns it off; without the instructions or a compiler, products keep the other paths.
 """
 
@@ -26,19 +32,19 @@ ROW_KERNEL_ENV = "GEMMA3N_ROW_KERNEL"
 MAX_ROWS = 4  # the kernel's row counts: 1 to 4
 SOURCE = Path(__file__).parent / "csrc" / "few_row_products.cpp"
 _EXTENSION = "gemma3n_cpu_row_kernel"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 _loaded: bool | None = None  # None: not tried yet in this process
 _why_not = ""  # when not loaded: why
 
 
-def cpu_has_bf16_dot() -> bool:
-    """Whether this CPU has AVX512-BF16 (the ``avx512_bf16`` flag in ``/proc/cpuinfo``; False where that is absent)."""
+def cpu_has_row_kernel_instructions() -> bool:
+    """Whether this CPU has AVX512-BF16 and AVX512-VNNI (flags in ``/proc/cpuinfo``; False where that is absent)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return "avx512_bf16" in flags.split()
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
+    return "avx512_bf16" in flags and "avx512_vnni" in flags
 
 
 def _setting() -> str | None:
@@ -57,8 +63,8 @@ def prepare_row_kernel() -> bool:
         return _loaded
     if _setting() == "0":
         _loaded, _why_not = False, f"{ROW_KERNEL_ENV}=0"
-    elif sys.platform != "linux" or not cpu_has_bf16_dot():
-        _loaded, _why_not = False, "the CPU has no AVX512-BF16"
+    elif sys.platform != "linux" or not cpu_has_row_kernel_instructions():
+        _loaded, _why_not = False, "the CPU lacks AVX512-BF16 or AVX512-VNNI"
     else:
         try:
             logger = logging.getLogger("torch.utils.cpp_extension")
@@ -71,9 +77,8 @@ def prepare_row_kernel() -> bool:
             if not (Path(_get_build_directory(_EXTENSION, False)) / f"{_EXTENSION}.so").exists():
                 print("gemma3n: building the CPU row kernel (once per machine, seconds)...", file=sys.stderr)
             load(_EXTENSION, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-            torch.library.register_fake("gemma3n_cpu::bf16_few_row_product")(
-                lambda x, w: x.new_empty(x.shape[0], w.shape[0])
-            )
+            for op in ("gemma3n_cpu::bf16_few_row_product", "gemma3n_cpu::int8_few_row_product"):
+                torch.library.register_fake(op)(lambda x, w, *scales: x.new_empty(x.shape[0], w.shape[0]))
             _loaded = True
         except Exception as error:  # no compiler or ninja: the other kernels serve, and we say so once
             _loaded, _why_not = False, f"building it failed ({type(error).__name__}: {str(error).splitlines()[0]})"
@@ -114,3 +119,25 @@ def row_kernel_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # [m, in]
     out = torch.ops.gemma3n_cpu.bf16_few_row_product(rows, weight)  # [m, out]
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def uses_int8_row_kernel(rows: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether ``rows`` [m, in] (bf16, m <= 4) times an int8 CPU weight [out, in] goes through
+    :func:`int8_row_kernel_product`, with the kernel ready. float32 rows keep torch's kernel: their 24-bit values
+    would lose precision in the 16-bit rounding, where bf16 rows (8 bits) do not."""
+    return (
+        rows.device.type == "cpu"
+        and qweight.device.type == "cpu"
+        and rows.dtype == torch.bfloat16
+        and qweight.dtype == torch.int8
+        and qweight.is_contiguous()
+        and rows.dim() == 2
+        and 0 < rows.shape[0] <= MAX_ROWS
+        and row_kernel_ready()
+    )
+
+
+def int8_row_kernel_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``rows @ (qweight * scales)^T`` [m, out] in the rows' dtype, through the VNNI kernel: rows [m, in] (m <= 4; bf16
+    or float32), qweight [out, in] int8, scales [out]. The rows are rounded to 16 bits each (see the module's note)."""
+    return torch.ops.gemma3n_cpu.int8_few_row_product(rows.contiguous(), qweight, scales)
