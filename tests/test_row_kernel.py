@@ -92,6 +92,7 @@ def test_a_model_decodes_the_same_through_the_kernel_eager_and_compiled(tiny_lm,
     logits as with the kernel off, up to summation order; the compiled step's graph calls the kernel too."""
     from gemma3n.generation import compiled_decode_step, decode_step
 
+    assert row_kernels.prepare_row_kernel()
     model = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16)
     ids, mask = _left_padded_batch()
     with torch.inference_mode():
@@ -222,3 +223,27 @@ def test_int8_layers_use_it_eager_and_compiled(monkeypatch):
     assert torch.equal(compiled, eager)
     assert within_int8_bound(eager.reshape(2, 300), x.reshape(2, 128), layer.qweight, layer.scales)
     assert many.shape == (6, 300)
+
+
+@needs_kernel
+def test_an_int8_model_decodes_the_same_through_the_kernel(tiny_lm, monkeypatch):
+    """Teacher-forced decode steps of the tiny model at quantize="int8" (bf16 activations): with the kernel, the
+    logits of torch's int8 kernel up to the rows' 16-bit rounding and summation order (a few bf16 roundings)."""
+    from gemma3n.generation import decode_step
+
+    assert row_kernels.prepare_row_kernel()
+    model = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16, quantize="int8")
+    ids, mask = _left_padded_batch()
+    with torch.inference_mode():
+        monkeypatch.setattr(row_kernels, "_loaded", False)
+        torch_kernel = _teacher_forced_logits(model, ids, mask, decode_step)
+        monkeypatch.setattr(row_kernels, "_loaded", True)
+        calls = []
+        original = row_kernels.int8_row_kernel_product
+        monkeypatch.setattr(
+            quantized_kernels, "int8_row_kernel_product", lambda *a: calls.append(a[0].shape) or original(*a)
+        )
+        ours = _teacher_forced_logits(model, ids, mask, decode_step)
+    assert calls and all(shape[0] <= 2 for shape in calls)  # the decode steps' products went through the kernel
+    rel = ((ours - torch_kernel).norm() / torch_kernel.norm()).item()
+    assert rel < 2e-2, rel
