@@ -81,7 +81,8 @@ def prepare_row_kernel() -> bool:
                 torch.library.register_fake(op)(lambda x, w, *scales: x.new_empty(x.shape[0], w.shape[0]))
             _loaded = True
         except Exception as error:  # no compiler or ninja: the other kernels serve, and we say so once
-            _loaded, _why_not = False, f"building it failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+            first_line = (str(error).splitlines() or [""])[0]
+            _loaded, _why_not = False, f"building it failed ({type(error).__name__}: {first_line})"
             print(f"gemma3n: the CPU row kernel is off: {_why_not}", file=sys.stderr)
     return _loaded
 
