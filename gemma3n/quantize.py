@@ -39,6 +39,7 @@ from .text_model.linear import SMALL_WEIGHT_ELEMENTS, fused_int8_product, traced
 
 QUANTIZE_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP_SIZE = 64
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
 _CHUNK_ELEMENTS = 1 << 18  # float32 values quantized at once (1 MB: the passes over a chunk stay in cache)
 _INT4_ROW_MULTIPLE = 64  # int4 rows are padded to whole 64-row blocks of torch's CPU packing
 # From this many rows (prefill) a layer dequantizes its weight and runs the float matmul (oneDNN, AMX): the
@@ -280,6 +281,8 @@ class Int4Linear(nn.Module):
         """Quantize a float weight [out, in] with min/max per group of ``group_size`` inputs (row chunk by chunk)."""
         dtype = dtype or weight.dtype
         out_f, in_f = weight.shape
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size={group_size}: use one of {INT4_GROUP_SIZES} (torch's CPU int4 kernel)")
         if in_f % group_size:
             raise ValueError(
                 f"int4 needs in_features divisible by group_size={group_size}; got a weight of shape "

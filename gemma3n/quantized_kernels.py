@@ -1,5 +1,5 @@
-"""The CPU weight-only kernels as the quantized layers call them: torch's, and for int8 products of 1-4 rows our VNNI
-row kernel where it is ready (:mod:`gemma3n.row_kernels`).
+"""The CPU weight-only kernels as the quantized layers call them: torch's, and for int8 and int4 products of 1-4 rows
+our VNNI row kernels where they are ready (:mod:`gemma3n.row_kernels`).
 
 Shared by the quantized layers (:mod:`gemma3n.quantize`) and the sparse decode products
 (:mod:`gemma3n.text_model.sparse_decode`); imports only :mod:`gemma3n.row_kernels` (which imports nothing of gemma3n),
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .row_kernels import int8_row_kernel_product, uses_int8_row_kernel
+from .row_kernels import int4_row_kernel_product, int8_row_kernel_product, uses_int4_row_kernel, uses_int8_row_kernel
 
 
 def int8_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -26,9 +26,19 @@ def int8_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 def int4_product(
     rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int
 ) -> torch.Tensor:
-    """``rows @ W^T`` [n, out_features] through ``torch._weight_int4pack_mm_for_cpu``: rows [n, in] (float), the
-    weight in torch's CPU int4 packing (``packed`` [ceil64(out), in / 2], ``scales_and_zeros`` [in / group,
-    ceil64(out), 2]); the zero rows padding ``out`` to whole blocks of 64 are cut off."""
+    """``rows @ W^T`` [n, out_features]: rows [n, in] (float), the weight in torch's CPU int4 packing (``packed``
+    [ceil64(out), in / 2], ``scales_and_zeros`` [in / group, ceil64(out), 2]). 1-4 bf16 rows go through the VNNI row
+    kernel where it is ready, others through ``torch._weight_int4pack_mm_for_cpu`` (whose zero rows padding ``out`` to
+    whole blocks of 64 are cut off)."""
+    if uses_int4_row_kernel(rows, packed, scales_and_zeros, group_size):
+        return int4_row_kernel_product(rows, packed, scales_and_zeros, group_size, out_features)
+    return torch_int4_product(rows, packed, scales_and_zeros, group_size, out_features)
+
+
+def torch_int4_product(
+    rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int
+) -> torch.Tensor:
+    """:func:`int4_product` through ``torch._weight_int4pack_mm_for_cpu`` whatever the rows."""
     sz = scales_and_zeros if scales_and_zeros.dtype == rows.dtype else scales_and_zeros.to(rows.dtype)
     out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), packed, group_size, sz)  # [n, ceil64(out)]
     return out if out.shape[1] == out_features else out[:, :out_features]

@@ -21,6 +21,7 @@ AVX512-VNNI.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -35,16 +36,27 @@ _EXTENSION = "gemma3n_cpu_row_kernel"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 _loaded: bool | None = None  # None: not tried yet in this process
 _why_not = ""  # when not loaded: why
+_int4_loaded = False  # loaded, on a CPU with AVX512-VBMI too (the int4 kernel's byte permutation)
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's flags in ``/proc/cpuinfo`` (empty where that is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
 
 
 def cpu_has_row_kernel_instructions() -> bool:
     """Whether this CPU has AVX512-BF16 and AVX512-VNNI (flags in ``/proc/cpuinfo``; False where that is absent)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
-    return "avx512_bf16" in flags and "avx512_vnni" in flags
+    return {"avx512_bf16", "avx512_vnni"} <= _cpu_flags()
+
+
+def cpu_has_int4_row_kernel_instructions() -> bool:
+    """Whether the int4 kernel may run: the row kernel's instructions and AVX512-VBMI (its byte permutation)."""
+    return cpu_has_row_kernel_instructions() and "avx512vbmi" in _cpu_flags()
 
 
 def _setting() -> str | None:
@@ -58,7 +70,7 @@ def _setting() -> str | None:
 def prepare_row_kernel() -> bool:
     """Build (once per machine) and load the kernel if this process may use it; True when it is ready. Called before
     a decode step is compiled, and by the first eager product that could use it."""
-    global _loaded, _why_not
+    global _loaded, _why_not, _int4_loaded
     if _loaded is not None:
         return _loaded
     if _setting() == "0":
@@ -79,7 +91,11 @@ def prepare_row_kernel() -> bool:
             load(_EXTENSION, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
             for op in ("gemma3n_cpu::bf16_few_row_product", "gemma3n_cpu::int8_few_row_product"):
                 torch.library.register_fake(op)(lambda x, w, *scales: x.new_empty(x.shape[0], w.shape[0]))
+            torch.library.register_fake("gemma3n_cpu::int4_few_row_product")(
+                lambda x, packed, scales_and_zeros, group, n_out: x.new_empty(x.shape[0], n_out)
+            )
             _loaded = True
+            _int4_loaded = cpu_has_int4_row_kernel_instructions()
         except Exception as error:  # no compiler or ninja: the other kernels serve, and we say so once
             first_line = (str(error).splitlines() or [""])[0]
             _loaded, _why_not = False, f"building it failed ({type(error).__name__}: {first_line})"
@@ -142,3 +158,32 @@ def int8_row_kernel_product(rows: torch.Tensor, qweight: torch.Tensor, scales: t
     """``rows @ (qweight * scales)^T`` [m, out] in the rows' dtype, through the VNNI kernel: rows [m, in] (m <= 4; bf16
     or float32), qweight [out, in] int8, scales [out]. The rows are rounded to 16 bits each (see the module's note)."""
     return torch.ops.gemma3n_cpu.int8_few_row_product(rows.contiguous(), qweight, scales)
+
+
+def uses_int4_row_kernel(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> bool:
+    """Whether ``rows`` [m, in] (bf16, m <= 4) times an int4 weight in torch's CPU packing goes through
+    :func:`int4_row_kernel_product`: bf16 scales and zeros, groups of an even size up to 256, the kernel ready and the
+    CPU with AVX512-VBMI. float32 rows keep torch's kernel (as for int8)."""
+    return (
+        rows.device.type == "cpu"
+        and packed.device.type == "cpu"
+        and rows.dtype == torch.bfloat16
+        and scales_and_zeros.dtype == torch.bfloat16
+        and packed.is_contiguous()
+        and scales_and_zeros.is_contiguous()
+        and rows.dim() == 2
+        and 0 < rows.shape[0] <= MAX_ROWS
+        and group % 2 == 0
+        and 2 <= group <= 256
+        and row_kernel_ready()
+        and _int4_loaded
+    )
+
+
+def int4_row_kernel_product(
+    rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, out_features: int
+) -> torch.Tensor:
+    """``rows @ W^T`` [m, out_features] bf16 for the int4 weight ``W = (q - 8) * scale + zero`` in torch's CPU packing
+    (``packed`` [ceil64(out), in / 2] uint8, ``scales_and_zeros`` [in / group, ceil64(out), 2] bf16), through the
+    kernel: rows [m, in] bf16, m <= 4, each rounded to 16-bit fixed point (as for int8); exact integer group sums."""
+    return torch.ops.gemma3n_cpu.int4_few_row_product(rows.contiguous(), packed, scales_and_zeros, group, out_features)

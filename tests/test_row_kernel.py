@@ -21,9 +21,11 @@ from test_packed_weights import _left_padded_batch, _teacher_forced_logits, with
 import gemma3n
 from gemma3n import quantize, quantized_kernels, row_kernels
 from gemma3n.row_kernels import (
+    cpu_has_int4_row_kernel_instructions,
     cpu_has_row_kernel_instructions,
     row_kernel_product,
     row_kernel_status,
+    uses_int4_row_kernel,
     uses_int8_row_kernel,
     uses_row_kernel,
 )
@@ -43,6 +45,9 @@ def test_the_kernel_is_built_exactly_where_the_cpu_has_the_instructions():
         x, weight = torch.randn(1, 64).bfloat16(), torch.randn(1 << 20, 64).bfloat16()
         assert not uses_row_kernel(x, weight)
         assert within_product_bound(linear.linear_product(x, weight), x, weight)  # the other kernels serve
+    int4 = quantize.Int4Linear.from_weight(torch.randn(64, 64).bfloat16())
+    x = torch.randn(1, 64).bfloat16()
+    assert uses_int4_row_kernel(x, int4.packed, int4.scales_and_zeros, 64) == cpu_has_int4_row_kernel_instructions()
 
 
 @needs_kernel
@@ -242,6 +247,120 @@ def test_an_int8_model_decodes_the_same_through_the_kernel(tiny_lm, monkeypatch)
         original = row_kernels.int8_row_kernel_product
         monkeypatch.setattr(
             quantized_kernels, "int8_row_kernel_product", lambda *a: calls.append(a[0].shape) or original(*a)
+        )
+        ours = _teacher_forced_logits(model, ids, mask, decode_step)
+    assert calls and all(shape[0] <= 2 for shape in calls)  # the decode steps' products went through the kernel
+    rel = ((ours - torch_kernel).norm() / torch_kernel.norm()).item()
+    assert rel < 2e-2, rel
+
+
+# ---- int4 weights (AVX512-VNNI and VBMI, torch's CPU int4 packing) -------------------------------------------------
+needs_int4_kernel = pytest.mark.skipif(
+    not cpu_has_int4_row_kernel_instructions(), reason="no AVX512-BF16, VNNI and VBMI: torch's int4 kernel serves"
+)
+
+
+def within_int4_bound(got: torch.Tensor, x: torch.Tensor, layer: quantize.Int4Linear) -> bool:
+    """``got`` = x @ W.T for the int4 layer's weight W = (q - 8) * scale + zero (exact, float64) within the kernel's
+    roundings: each x row to 16-bit fixed point (at most its largest |value| / 65534 per value, times sum |w|); per
+    group, float32 for the exact integer sum, the offset z - 8 s and two fused multiply-adds, then a float32 running
+    total over the groups (together at most (groups + 4) * 2^-24 of the sum of |s q x| + |z - 8 s| |x| over the terms);
+    the output to bf16 (2^-8 relative)."""
+    weight = layer.dequantized(torch.float64)[: layer.out_features]  # [out, in]
+    exact = x.double() @ weight.T
+    largest = x.double().abs().amax(-1, keepdim=True)
+    fixed_point = largest / 65534 * weight.abs().sum(1)  # [m, out]
+    groups = layer.in_features // layer.group_size
+    scale, zero = layer.scales_and_zeros[:, : layer.out_features].double().unbind(-1)  # [groups, out]
+    q_part = (weight - (zero - 8 * scale).repeat_interleave(layer.group_size, 0).T).abs()  # s * q, [out, in]
+    offset = (zero - 8 * scale).abs().repeat_interleave(layer.group_size, 0).T  # |z - 8 s|, [out, in]
+    terms = (x.double().abs() + largest / 65534) @ (q_part + offset).T  # [m, out]
+    float32 = (groups + 4) * 2**-24 * terms * 1.01
+    bound = 2**-8 * (exact.abs() + fixed_point + float32) + fixed_point + float32 + 1e-30
+    return bool(((got.double() - exact).abs() <= bound).all())
+
+
+def _int4_layer(inputs: int, group: int, seed: int, outputs: int = 700) -> quantize.Int4Linear:
+    weight = torch.randn(outputs, inputs, generator=torch.Generator().manual_seed(seed)) * 0.05
+    weight[:, :group] += 0.3  # groups of different offsets: zero - 8 * scale far from 0
+    return quantize.Int4Linear.from_weight(weight.bfloat16(), group_size=group)
+
+
+def _int4_rows(rows: int, inputs: int, seed: int) -> torch.Tensor:
+    x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(seed)) * torch.logspace(-3, 1, inputs)
+    return x.bfloat16()
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize(("inputs", "group"), [(2048, 64), (8192, 64), (128, 32), (512, 128), (256, 256), (96, 32)])
+def test_int4_products_stay_within_their_roundings(rows, inputs, group):
+    layer = _int4_layer(inputs, group, seed=inputs + group)
+    x = _int4_rows(rows, inputs, seed=rows)
+    assert uses_int4_row_kernel(x, layer.packed, layer.scales_and_zeros, group)
+    got = row_kernels.int4_row_kernel_product(x, layer.packed, layer.scales_and_zeros, group, layer.out_features)
+    assert got.shape == (rows, 700) and got.dtype == torch.bfloat16  # the 4 zero rows padding 700 to 704 are cut off
+    assert within_int4_bound(got, x, layer)
+    # torch's kernel on the same weight: both are the same product up to their roundings
+    reference = quantized_kernels.torch_int4_product(x, layer.packed, layer.scales_and_zeros, group, 700)
+    rel = ((got.double() - reference.double()).norm() / reference.double().norm()).item()
+    assert rel < 2e-2, rel
+
+
+@needs_int4_kernel
+def test_int4_products_of_zero_and_non_finite_rows_and_the_products_that_do_not_qualify():
+    layer = _int4_layer(128, 64, seed=4)
+    x = _int4_rows(3, 128, seed=5)
+    x[1] = 0.0
+    x[2, 7] = float("nan")
+    got = quantized_kernels.int4_product(x, layer.packed, layer.scales_and_zeros, 64, 700)
+    assert within_int4_bound(got[:1], x[:1], layer)
+    assert torch.equal(got[1], torch.zeros(700, dtype=torch.bfloat16)) and got[2].isnan().all()
+    sz = layer.scales_and_zeros
+    assert not uses_int4_row_kernel(x.float(), layer.packed, sz, 64)  # float32 rows keep torch's kernel
+    assert not uses_int4_row_kernel(_int4_rows(5, 128, seed=6), layer.packed, sz, 64)  # 5 rows: torch's kernel
+    assert not uses_int4_row_kernel(x, layer.packed, sz.float(), 64)  # float32 scales (a float32 model)
+    with pytest.raises(ValueError, match="group_size=48"):
+        _int4_layer(96, 48, seed=7)
+    many = quantized_kernels.int4_product(_int4_rows(5, 128, seed=6), layer.packed, sz, 64, 700)
+    assert many.shape == (5, 700)
+
+
+@needs_int4_kernel
+def test_int4_layers_use_it_eager_and_compiled():
+    """An int4 layer's 1-4 row products go through the kernel, traced into a compiled graph as its op."""
+    from test_decode_speed import _GraphRecorder
+
+    layer = _int4_layer(128, 64, seed=8, outputs=300)
+    x = _int4_rows(2, 128, seed=9).view(2, 1, 128)
+    with torch.inference_mode():
+        eager = layer(x)
+        recorder = _GraphRecorder()
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend=recorder, fullgraph=True)(x)
+        torch._dynamo.reset()
+    assert recorder.targets == [torch.ops.gemma3n_cpu.int4_few_row_product], recorder.targets
+    assert torch.equal(compiled, eager) and eager.shape == (2, 1, 300)
+    assert within_int4_bound(eager.reshape(2, 300), x.reshape(2, 128), layer)
+
+
+@needs_int4_kernel
+def test_an_int4_model_decodes_the_same_through_the_kernel(tiny_lm, monkeypatch):
+    """Teacher-forced decode steps of the tiny model at quantize="int4" (bf16 activations, a left-padded batch of 2):
+    with the kernel, the logits of torch's int4 kernel up to rounding (a few bf16 roundings)."""
+    from gemma3n.generation import decode_step
+
+    assert row_kernels.prepare_row_kernel()
+    model = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16, quantize="int4")
+    ids, mask = _left_padded_batch()
+    with torch.inference_mode():
+        monkeypatch.setattr(row_kernels, "_loaded", False)
+        torch_kernel = _teacher_forced_logits(model, ids, mask, decode_step)
+        monkeypatch.setattr(row_kernels, "_loaded", True)
+        calls = []
+        original = row_kernels.int4_row_kernel_product
+        monkeypatch.setattr(
+            quantized_kernels, "int4_row_kernel_product", lambda *a: calls.append(a[0].shape) or original(*a)
         )
         ours = _teacher_forced_logits(model, ids, mask, decode_step)
     assert calls and all(shape[0] <= 2 for shape in calls)  # the decode steps' products went through the kernel

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -197,13 +198,167 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
   return y;
 }
 
+
+// ---- int4 weights, in torch's CPU packing --------------------------------------------------------------------------
+// The weight comes as ``torch._convert_weight_to_int4pack_for_cpu`` lays it out: output rows in blocks of 64, and in
+// a block, for each input k, 32 bytes: byte j holds row j's value (low nibble) and row j + 32's (high nibble), values
+// q in [0, 15]. Each group of ``group`` inputs of a row has a bf16 scale s and zero z, [groups, rows, (s, z)]:
+// w = (q - 8) * s + z. So for one group, sum_k w_k x_k = s * sum_k q_k x_k + (z - 8 s) * sum_k x_k.
+//
+// Here the lanes are output rows. Inputs k and k + 1 of a block are 64 contiguous bytes; one byte permutation
+// (VPERMB, AVX512-VBMI) turns them into 16 dword lanes (byte of k, 0, byte of k + 1, 0) for 16 rows, and masking and
+// shifting give the int16 pairs (q[row, k], q[row, k + 1]) of the low and the high nibble's rows. VPDPWSSD multiplies
+// each pair by the pair (x[k], x[k + 1]) and sums into int32 lanes. x rows are rounded to 16-bit fixed point with their
+// own scale, as for int8 (no split into bytes is needed: the pairs are int16); a group's sums are exact in int32
+// (|sum| <= 256 * 15 * 32767 < 2^31 for groups of up to 256 inputs; longer groups are refused) and go to float32
+// (one rounding) per group, scaled, into per-row float32 totals.
+constexpr int64_t kBlockRows = 64;  // rows per block of torch's packing
+constexpr int64_t kMaxGroup = 256;  // the sums of x over a group stay exact in float32
+
+struct FixedRows {  // x rounded to int16 per row: q [m, k], scale [m], and the sum of q over each group [m, groups]
+  std::vector<int16_t> q;
+  std::vector<float> group_sum;  // exact integers (|sum| <= 256 * 32767 < 2^24)
+  std::vector<double> scale;
+};
+
+FixedRows fixed_rows(const at::Tensor& x, int64_t group) {
+  const int64_t m = x.size(0), k = x.size(1), groups = k / group;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.const_data_ptr<float>();
+  FixedRows out{std::vector<int16_t>(m * k, 0), std::vector<float>(m * groups, 0.0f), std::vector<double>(m)};
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = xp + i * k;
+    float largest = 0.0f;
+    bool finite = true;
+    for (int64_t c = 0; c < k; ++c) {
+      finite = finite && std::isfinite(row[c]);
+      largest = std::max(largest, std::abs(row[c]));
+    }
+    if (!finite) {
+      out.scale[i] = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
+    const float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
+    out.scale[i] = largest > 0.0f ? static_cast<double>(largest) / 32767.0 : 0.0;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) {
+        const int32_t q = std::clamp(static_cast<int32_t>(std::nearbyint(row[c] * inverse)), -32767, 32767);
+        out.q[i * k + c] = static_cast<int16_t>(q);
+        sum += q;
+      }
+      out.group_sum[i * groups + g] = static_cast<float>(sum);
+    }
+  }
+  return out;
+}
+
+// Blocks [b0, b1) of 64 output rows: y [M, n_out] from x [M, k], packed [n64 / 64, k, 32] bytes and
+// scales_and_zeros [groups, n64] dwords (bf16 scale in the low half, bf16 zero in the high half).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
+    const FixedRows& x, const uint8_t* packed, const uint32_t* scales_and_zeros, c10::BFloat16* y, int64_t n_out,
+    int64_t n64, int64_t k, int64_t group, int64_t b0, int64_t b1) {
+  // byte 4l of a dword lane l takes byte l of input k (the first 32 bytes), byte 4l + 2 byte l of input k + 1: rows
+  // 0-15 (idx_first) and 16-31 (idx_second); bytes 4l + 1 and 4l + 3 are zeroed by the mask
+  alignas(64) uint8_t first[64] = {}, second[64] = {};
+  for (int l = 0; l < 16; ++l) {
+    first[4 * l] = l, first[4 * l + 2] = 32 + l;
+    second[4 * l] = 16 + l, second[4 * l + 2] = 48 + l;
+  }
+  const __m512i idx_first = _mm512_load_si512(first), idx_second = _mm512_load_si512(second);
+  const __mmask64 even_bytes = 0x5555555555555555ULL;
+  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  const int64_t groups = k / group;
+  alignas(64) float total[M][kBlockRows];
+  for (int64_t block = b0; block < b1; ++block) {
+    const uint8_t* wb = packed + block * k * 32;
+    for (int m = 0; m < M; ++m)
+      for (int64_t r = 0; r < kBlockRows; ++r) total[m][r] = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint32_t* sz = scales_and_zeros + g * n64 + block * kBlockRows;  // 64 rows' (scale, zero)
+      if (g + 1 < groups)
+        for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(sz + n64 + 16 * line), _MM_HINT_T0);
+      __m512i sum[M][4];  // [x row][rows 0-15, 16-31, 32-47, 48-63]
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < 4; ++i) sum[m][i] = _mm512_setzero_si512();
+      for (int64_t c = g * group; c < (g + 1) * group; c += 2) {
+        const __m512i bytes = _mm512_loadu_si512(wb + c * 32);  // inputs c and c + 1, 32 bytes each
+        const __m512i lo = _mm512_maskz_permutexvar_epi8(even_bytes, idx_first, bytes);
+        const __m512i hi = _mm512_maskz_permutexvar_epi8(even_bytes, idx_second, bytes);
+        const __m512i w[4] = {_mm512_and_si512(lo, nibble), _mm512_and_si512(hi, nibble),
+                              _mm512_and_si512(_mm512_srli_epi16(lo, 4), nibble),
+                              _mm512_and_si512(_mm512_srli_epi16(hi, 4), nibble)};
+        for (int m = 0; m < M; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, x.q.data() + m * k + c, sizeof(pair));  // (x[c], x[c + 1])
+          const __m512i xb = _mm512_set1_epi32(pair);
+          for (int i = 0; i < 4; ++i) sum[m][i] = _mm512_dpwssd_epi32(sum[m][i], w[i], xb);
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        const __m512i both = _mm512_loadu_si512(sz + 16 * i);
+        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
+        const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(both, high_half));
+        const __m512 offset = _mm512_fnmadd_ps(eight, scale, zero);  // z - 8 s
+        for (int m = 0; m < M; ++m) {
+          __m512 t = _mm512_load_ps(total[m] + 16 * i);
+          t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][i]), scale, t);
+          t = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.group_sum[m * groups + g]), t);
+          _mm512_store_ps(total[m] + 16 * i, t);
+        }
+      }
+    }
+    const int64_t rows = std::min(kBlockRows, n_out - block * kBlockRows);
+    for (int m = 0; m < M; ++m)
+      for (int64_t r = 0; r < rows; ++r)
+        y[m * n_out + block * kBlockRows + r] = c10::BFloat16(static_cast<float>(total[m][r] * x.scale[m]));
+  }
+}
+
+at::Tensor int4_few_row_product(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                                int64_t group, int64_t n_out) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_cpu(), "int4_few_row_product: bf16 x [m, k]");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(m >= 1 && m <= 4, "int4_few_row_product: 1 to 4 rows, got ", m);
+  TORCH_CHECK(group >= 2 && group <= kMaxGroup && group % 2 == 0 && k % group == 0,
+              "int4_few_row_product: an even group of at most 256 inputs that divides k");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.is_cpu() &&
+                  packed.size(0) % kBlockRows == 0 && packed.size(1) * 2 == k,
+              "int4_few_row_product: packed [64 * blocks, k / 2] uint8 in torch's CPU int4 packing");
+  const int64_t n64 = packed.size(0);
+  TORCH_CHECK(n_out >= 1 && n_out <= n64, "int4_few_row_product: 1 to ", n64, " output rows");
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
+                  scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == k / group &&
+                  scales_and_zeros.size(1) == n64 && scales_and_zeros.size(2) == 2,
+              "int4_few_row_product: bf16 scales_and_zeros [k / group, rows, 2]");
+  const FixedRows rows = fixed_rows(x, group);
+  at::Tensor y = at::empty({m, n_out}, x.options());
+  const auto* wp = packed.const_data_ptr<uint8_t>();
+  const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros.const_data_ptr());
+  auto* yp = y.mutable_data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n64 / kBlockRows, 2, [&](int64_t b0, int64_t b1) {
+    switch (m) {
+      case 1: int4_blocks<1>(rows, wp, sz, yp, n_out, n64, k, group, b0, b1); break;
+      case 2: int4_blocks<2>(rows, wp, sz, yp, n_out, n64, k, group, b0, b1); break;
+      case 3: int4_blocks<3>(rows, wp, sz, yp, n_out, n64, k, group, b0, b1); break;
+      default: int4_blocks<4>(rows, wp, sz, yp, n_out, n64, k, group, b0, b1); break;
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gemma3n_cpu, lib) {
   lib.def("bf16_few_row_product(Tensor x, Tensor w) -> Tensor");
   lib.def("int8_few_row_product(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  lib.def("int4_few_row_product(Tensor x, Tensor packed, Tensor scales_and_zeros, int group, int n_out) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(gemma3n_cpu, CPU, lib) {
   lib.impl("bf16_few_row_product", &bf16_few_row_product);
   lib.impl("int8_few_row_product", &int8_few_row_product);
+  lib.impl("int4_few_row_product", &int4_few_row_product);
 }
