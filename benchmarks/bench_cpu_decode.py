@@ -25,7 +25,6 @@ import inspect
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from child_env import USER_THP, child_env, thp_setting
 from kernel_ceilings import LAYERS
+from run_meta import peak_rss_gb
 
 HERE = Path(__file__).resolve().parent
 IMPLS = ["gemma3n-bf16", "gemma3n-int8", "gemma3n-int4", "transformers-bf16"]
@@ -59,10 +59,6 @@ class TokenTimer:
     def step_seconds(self) -> list[float]:
         stamps = self.times[1:]  # the first put is the prompt
         return [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 def weight_bytes_per_token(model) -> int:

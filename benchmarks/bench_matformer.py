@@ -27,7 +27,7 @@ int4 and bf16 alike), so 2-thread decode timings measured the scheduler more tha
 ``results/matformer_e4b_cpu_2threads_partial.*``). Loading uses ``--load-threads`` (default 2): quantization runs one
 tensor per thread with single-threaded ops, which has no such barriers.
 
-Memory: peak RSS (``ru_maxrss``: counts the memory-mapped checkpoint pages the run touched as well as its own
+Memory: peak RSS (VmHWM: counts the memory-mapped checkpoint pages the run touched as well as its own
 memory), the anonymous and file-backed parts of RSS after decoding, MemAvailable before loading, and the bytes read
 from storage and major page faults during ``generate`` (page-cache misses of the mapped bf16 weights: when the page
 cache cannot hold them, a decode step re-reads them from disk and is no longer bound by memory bandwidth).
@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from bench_generation import TokenTimer
 from locking import maybe_locked
+from run_meta import peak_rss_gb
 
 from gemma3n.matformer import PRESETS
 
@@ -99,7 +100,7 @@ def worker(args) -> dict:
         "step_s": steps,
         "median_step_s": statistics.median(steps),
         "loadavg_1m": os.getloadavg()[0],
-        "peak_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # Linux reports KiB
+        "peak_rss_GB": peak_rss_gb(),
         "rss_anon_GB": rss["RssAnon"] / 1e9,
         "rss_file_GB": rss["RssFile"] / 1e9,
         "mem_available_before_GB": available_before / 1e9,
@@ -349,7 +350,7 @@ def markdown(results: dict) -> str:
         f"{results['threads']} when it had the cores to itself; less means other processes (on this shared machine: "
         "other sessions' test runs, which do not take the lock) held the CPU. With 2 OpenMP threads a descheduled "
         "thread stalls the other at every barrier, so such steps run several times slower; the best step of a run is "
-        "its least disturbed figure. Peak RSS (ru_maxrss) includes the checkpoint pages the process touched through "
+        "its least disturbed figure. Peak RSS (VmHWM) includes the checkpoint pages the process touched through "
         "the memory map (quantizing reads every sliced weight once; a slice that skips layers copies the per-layer "
         "table), so it is above the resident size while decoding (anonymous + file RSS after decode, in the JSON).",
     ]

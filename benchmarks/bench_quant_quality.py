@@ -11,6 +11,11 @@ the text forward pass (for ``--towers-for``) one random image and one 30 s rando
 audio towers, so the last peak RSS is that of the whole model in use. ``--lock`` holds a file lock per process.
 Inputs: 2 rows of ``--length`` tokens (row 1 left-padded by a quarter),
 longer than E2B's sliding window (512); logits of the last ``--keep`` positions of each row are compared.
+
+The forward pass over the whole prompt takes the prefill path (many rows: weights dequantized for a float matmul).
+``--decode`` also measures the decode path, which is what generation runs token by token (the 1-4 row kernels): each
+non-fp32 configuration prefills up to the first kept position, then feeds the prompt's next tokens one decode step at
+a time (teacher forcing), and its logits at the same kept positions are compared with fp32's forward.
 """
 
 from __future__ import annotations
@@ -59,6 +64,25 @@ class Float32Head(torch.nn.Module):
         return torch.cat(blocks, dim=1).view(*hidden.shape[:-1], -1)
 
 
+def teacher_forced_decode(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits [B, keep, V] (float32) of the last ``keep`` positions: a prefill up to the first of them, then one
+    eager decode step per position on the prompt's own tokens."""
+    from gemma3n.generation import cache_length_for, decode_step, prefill
+    from gemma3n.text_model import KVCache
+
+    batch, length = ids.shape
+    first = length - keep  # the prefill ends at the first kept position
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask.bool(), 0)
+    slots = cache_length_for(model, first + 1, keep, False)
+    cache = KVCache(model.config.text, batch, slots, dtype=model.dtype, device="cpu")
+    logits = [prefill(model, ids[:, : first + 1], mask[:, : first + 1], positions[:, : first + 1], cache)]
+    for slot in range(first + 1, length):
+        cache.prepare_decode(slot)
+        step = decode_step(model, ids[:, slot : slot + 1], positions[:, slot : slot + 1], cache, torch.tensor(slot))
+        logits.append(step)
+    return torch.stack(logits, dim=1)
+
+
 def child(args: argparse.Namespace) -> None:
     import gemma3n
     from gemma3n import quantize as quant
@@ -92,6 +116,12 @@ def child(args: argparse.Namespace) -> None:
         record["after_forward_kb"] = memory_kb()
         torch.save(logits.float(), args.logits)
         del logits
+        if args.decode and args.child != "fp32":
+            start = time.perf_counter()
+            decoded = teacher_forced_decode(model, ids, mask, args.keep)
+            record["decode_s"] = time.perf_counter() - start
+            torch.save(decoded, args.logits.with_suffix(".decode.pt"))
+            del decoded
         if args.towers:
             start = time.perf_counter()
             pixels = torch.rand(1, 3, 768, 768, generator=torch.Generator().manual_seed(1))
@@ -126,6 +156,7 @@ def main() -> None:
         "--towers-for", nargs="*", default=["int8", "int4-g64"], help="configs that also run the towers"
     )
     parser.add_argument("--lock", default=None, help="flock this file around each configuration's process")
+    parser.add_argument("--decode", action="store_true", help="also compare teacher-forced decode steps' logits")
     parser.add_argument("--towers", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_quality_e2b.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -141,6 +172,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", config, "--logits", str(logits), "--model", str(args.model)]
             cmd += ["--length", str(args.length), "--keep", str(args.keep), "--threads", str(args.threads)]
             cmd += ["--towers"] if config in args.towers_for else []
+            cmd += ["--decode"] if args.decode else []
             cmd = ["flock", args.lock, *cmd] if args.lock else cmd
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if proc.returncode != 0:
@@ -155,6 +187,9 @@ def main() -> None:
                 if config != "fp32":
                     got = torch.load(Path(tmp) / f"{config}.pt")
                     results[config]["vs_fp32"] = compare(got[mask], want[mask])
+                    decoded = Path(tmp) / f"{config}.decode.pt"
+                    if decoded.exists():
+                        results[config]["decode_vs_fp32"] = compare(torch.load(decoded)[mask], want[mask])
     payload = {
         "model": str(args.model),
         "torch": torch.__version__,
@@ -176,6 +211,13 @@ def main() -> None:
         "peak RSS (VmHWM) after load / text forward / + image and audio towers, GiB |",
         "|---|---|---|---|---|---|",
     ]
+    decode_lines = [
+        "",
+        "Decode path (`--decode`: teacher-forced decode steps, one token per row per step, the same positions):",
+        "",
+        "| config | rel. logit error vs fp32 | cosine mean (min) | top-1 agreement | s for the steps |",
+        "|---|---|---|---|---|",
+    ]
     for config, r in results.items():
         q = r.get("vs_fp32")
         quality = (
@@ -186,10 +228,15 @@ def main() -> None:
         )
         peaks = [r[k]["VmHWM"] / gb for k in ("after_load_kb", "after_forward_kb", "after_towers_kb") if k in r]
         lines.append(f"| {config} | {r['load_s']:.1f} | {quality} | {' / '.join(f'{p:.2f}' for p in peaks)} |")
-    table = "\n".join(lines)
+        if d := r.get("decode_vs_fp32"):
+            decode_lines.append(
+                f"| {config} | {d['relative_error']:.4f} | {d['cosine_mean']:.5f} ({d['cosine_min']:.5f}) | "
+                f"{d['top1_agreement']:.3f} of {d['positions']} | {r['decode_s']:.1f} |"
+            )
+    table = "\n".join(lines + (decode_lines if len(decode_lines) > 5 else []))
     args.out.with_suffix(".md").write_text(
         "# Weight-only quantization of E2B: quality, load time, memory\n\nCommand: `python "
-        "benchmarks/bench_quant_quality.py --model /work/cache/e2b --lock /tmp/gemma3n-heavy.lock`\n\n" + table + "\n"
+        f"benchmarks/bench_quant_quality.py {' '.join(sys.argv[1:])}`\n\n" + table + "\n"
     )
     print(table)
 

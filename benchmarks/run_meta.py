@@ -26,3 +26,15 @@ def write_json(out: Path, meta: dict, rows: list[dict]) -> None:
     """``out``.json with the run's meta and rows (the folder is made if needed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM in ``/proc/self/status``), GB.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that over an exec from the process image it replaces, so a child
+    forked from a large parent (one that has just built a checkpoint, say) reports at least the parent's size."""
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("no VmHWM in /proc/self/status")
