@@ -11,6 +11,10 @@ the weight-only kernel as shipped, and the same int8 weights through fbgemm with
 block of 16 rows; int4 weight-only with groups of 32 (the tiny widths are multiples of 32, not all of 64). bf16 (no
 quantization) is given for scale. 4 rows x 80 tokens (longer than the sliding window), row 1 left-padded by 6: 314
 positions. Writes ``benchmarks/results/quant_quality_small.{json,md}``.
+
+Rows marked "decode steps" measure the path generation runs token by token (on CPUs with the instructions, the 1-4
+row kernels of ``gemma3n.row_kernels``): a prefill of the first 16 tokens, then one teacher-forced decode step per
+position, compared with fp32's forward at the last 65 positions of each row (260 positions).
 """
 
 from __future__ import annotations
@@ -64,10 +68,12 @@ def compare(got: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def main() -> None:
+    from bench_quant_quality import teacher_forced_decode
     from conftest import save_reference_lm, text_config
 
     import gemma3n
     from gemma3n import quantize
+    from gemma3n.row_kernels import row_kernel_status
 
     torch.manual_seed(0)
     directory = tempfile.mkdtemp(prefix="int8-quality-")
@@ -82,6 +88,15 @@ def main() -> None:
             return model(ids, attention_mask=mask).logits[real].float()
 
     reference = logits(gemma3n.load(directory, dtype=torch.float32))
+    decoded_positions = 65  # the last 65 positions of every row: all real tokens (row 1's padding is its first 6)
+
+    def decoded(model) -> torch.Tensor:
+        with torch.inference_mode():
+            return teacher_forced_decode(model, ids, mask, decoded_positions).reshape(-1, reference.shape[-1])
+
+    with torch.inference_mode():
+        full = gemma3n.load(directory, dtype=torch.float32)(ids, attention_mask=mask).logits.float()
+    decode_reference = full[:, -decoded_positions:].reshape(-1, reference.shape[-1])
     rows: dict = {"bf16 (no quantization)": compare(logits(gemma3n.load(directory, dtype=torch.bfloat16)), reference)}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
@@ -99,8 +114,16 @@ def main() -> None:
         rows[f"int4 g32 weight-only, {name} activations"] = compare(
             logits(gemma3n.load(directory, dtype=dtype, quantize="int4")), reference
         )
+    rows["bf16 (no quantization), decode steps"] = compare(
+        decoded(gemma3n.load(directory, dtype=torch.bfloat16)), decode_reference
+    )
+    for mode, label in (("int8", "int8 weight-only"), ("int4", "int4 g32 weight-only")):
+        model = gemma3n.load(directory, dtype=torch.bfloat16, quantize=mode)
+        rows[f"{label}, bfloat16 activations, decode steps"] = compare(decoded(model), decode_reference)
+    rows["row kernels"] = {"status": row_kernel_status()}
     out = HERE / "results" / "quant_quality_small.json"
-    out.write_text(json.dumps({"torch": torch.__version__, "positions": int(real.sum()), "rows": rows}, indent=2))
+    meta = {"torch": torch.__version__, "positions": int(real.sum()), "decoded_positions": len(decode_reference)}
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     lines = [
         f"Small random Gemma 3n (tests' text_config, written by transformers), {int(real.sum())} positions, against "
         "fp32 logits. Command: `python benchmarks/bench_quant_quality_small.py`.",
@@ -109,6 +132,9 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     for name, r in rows.items():
+        if "status" in r:
+            lines += ["", f"gemma3n's CPU row kernels in this run: {r['status']}."]
+            continue
         lines.append(
             f"| {name} | {r['rel_error']:.4f} | {r['cosine_mean']:.5f} ({r['cosine_min']:.4f}) | "
             f"{r['top1_agreement']:.3f} |"
