@@ -1,4 +1,4 @@
-"""The CPU weight-only kernels as the quantized layers call them: torch's, and for int8 and int4 products of 1-4 rows
+"""The CPU weight-only kernels as the quantized layers call them: torch's, and for int8 and int4 products of 1-31 rows
 our VNNI row kernels where they are ready (:mod:`gemma3n.row_kernels`).
 
 Shared by the quantized layers (:mod:`gemma3n.quantize`) and the sparse decode products
@@ -14,7 +14,7 @@ from .row_kernels import int4_row_kernel_product, int8_row_kernel_product, uses_
 
 
 def int8_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``rows @ (qweight * scales)^T`` [n, out]: rows [n, in] (float), qweight [out, in] int8, scales [out]. 1-4
+    """``rows @ (qweight * scales)^T`` [n, out]: rows [n, in] (float), qweight [out, in] int8, scales [out]. 1-31
     bf16 rows go through the VNNI row kernel where it is ready, others through ``torch._weight_int8pack_mm`` (scales
     converted to the rows' dtype, as that kernel needs)."""
     if uses_int8_row_kernel(rows, qweight):
@@ -27,7 +27,7 @@ def int4_product(
     rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int
 ) -> torch.Tensor:
     """``rows @ W^T`` [n, out_features]: rows [n, in] (float), the weight in torch's CPU int4 packing (``packed``
-    [ceil64(out), in / 2], ``scales_and_zeros`` [in / group, ceil64(out), 2]). 1-4 bf16 rows go through the VNNI row
+    [ceil64(out), in / 2], ``scales_and_zeros`` [in / group, ceil64(out), 2]). 1-31 bf16 rows go through the VNNI row
     kernel where it is ready, others through ``torch._weight_int4pack_mm_for_cpu`` (whose zero rows padding ``out`` to
     whole blocks of 64 are cut off)."""
     if uses_int4_row_kernel(rows, packed, scales_and_zeros, group_size):

@@ -13,6 +13,10 @@ rounded to 16-bit fixed point with its own scale (an error of at most 2^-16 of t
 weights' int8 rounding), split into two bytes, and multiplied with the int8 weight in exact integer sums. torch's
 int8 kernel read E2B-sized weights at 21 GB/s for one row and 15 for four; this one at the read bandwidth for one row.
 
+int4 weights (:class:`gemma3n.quantize.Int4Linear`, torch's CPU packing read as it is) go through a byte permutation
+(AVX512-VBMI) into lanes of output rows and VPDPWSSD against the same 16-bit rows: exact integer sums per group, then
+the group's scale and zero in float32. On E2B shapes it ran 1.6-1.9x torch's int4 kernel at 1 to 31 rows.
+
 It is compiled once per machine with torch's extension builder (a C++ compiler and ninja; a few seconds, cached in
 torch's extension directory) on the first product that can use it, and used only where the CPU has AVX512-BF16 and
 AVX512-VNNI.
@@ -30,7 +34,11 @@ from pathlib import Path
 import torch
 
 ROW_KERNEL_ENV = "GEMMA3N_ROW_KERNEL"
-MAX_ROWS = 4  # the kernel's row counts: 1 to 4
+MAX_ROWS = 4  # the bf16 kernel's row counts: 1 to 4
+# The int8 and int4 kernels take any number of rows (in groups of 4 over each cached span of the weight); the layers
+# give them fewer than gemma3n.quantize.DEQUANTIZE_FROM_ROWS (32). Measured on E2B shapes (AMD EPYC, 2 threads):
+# 1.6-1.9x torch's int4 kernel and 1.1-2.5x its int8 kernel at 1 to 31 rows.
+MAX_QUANTIZED_ROWS = 31
 SOURCE = Path(__file__).parent / "csrc" / "few_row_products.cpp"
 _EXTENSION = "gemma3n_cpu_row_kernel"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
@@ -139,7 +147,7 @@ def row_kernel_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def uses_int8_row_kernel(rows: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """Whether ``rows`` [m, in] (bf16, m <= 4) times an int8 CPU weight [out, in] goes through
+    """Whether ``rows`` [m, in] (bf16, m <= 31) times an int8 CPU weight [out, in] goes through
     :func:`int8_row_kernel_product`, with the kernel ready. float32 rows keep torch's kernel: their 24-bit values
     would lose precision in the 16-bit rounding, where bf16 rows (8 bits) do not."""
     return (
@@ -149,19 +157,19 @@ def uses_int8_row_kernel(rows: torch.Tensor, qweight: torch.Tensor) -> bool:
         and qweight.dtype == torch.int8
         and qweight.is_contiguous()
         and rows.dim() == 2
-        and 0 < rows.shape[0] <= MAX_ROWS
+        and 0 < rows.shape[0] <= MAX_QUANTIZED_ROWS
         and row_kernel_ready()
     )
 
 
 def int8_row_kernel_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``rows @ (qweight * scales)^T`` [m, out] in the rows' dtype, through the VNNI kernel: rows [m, in] (m <= 4; bf16
+    """``rows @ (qweight * scales)^T`` [m, out] in the rows' dtype, through the VNNI kernel: rows [m, in] (any m; bf16
     or float32), qweight [out, in] int8, scales [out]. The rows are rounded to 16 bits each (see the module's note)."""
     return torch.ops.gemma3n_cpu.int8_few_row_product(rows.contiguous(), qweight, scales)
 
 
 def uses_int4_row_kernel(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> bool:
-    """Whether ``rows`` [m, in] (bf16, m <= 4) times an int4 weight in torch's CPU packing goes through
+    """Whether ``rows`` [m, in] (bf16, m <= 31) times an int4 weight in torch's CPU packing goes through
     :func:`int4_row_kernel_product`: bf16 scales and zeros, groups of an even size up to 256, the kernel ready and the
     CPU with AVX512-VBMI. float32 rows keep torch's kernel (as for int8)."""
     return (
@@ -172,7 +180,7 @@ def uses_int4_row_kernel(rows: torch.Tensor, packed: torch.Tensor, scales_and_ze
         and packed.is_contiguous()
         and scales_and_zeros.is_contiguous()
         and rows.dim() == 2
-        and 0 < rows.shape[0] <= MAX_ROWS
+        and 0 < rows.shape[0] <= MAX_QUANTIZED_ROWS
         and group % 2 == 0
         and 2 <= group <= 256
         and row_kernel_ready()
@@ -185,5 +193,5 @@ def int4_row_kernel_product(
 ) -> torch.Tensor:
     """``rows @ W^T`` [m, out_features] bf16 for the int4 weight ``W = (q - 8) * scale + zero`` in torch's CPU packing
     (``packed`` [ceil64(out), in / 2] uint8, ``scales_and_zeros`` [in / group, ceil64(out), 2] bf16), through the
-    kernel: rows [m, in] bf16, m <= 4, each rounded to 16-bit fixed point (as for int8); exact integer group sums."""
+    kernel: rows [m, in] bf16 (any m), each rounded to 16-bit fixed point (as for int8); exact integer group sums."""
     return torch.ops.gemma3n_cpu.int4_few_row_product(rows.contiguous(), packed, scales_and_zeros, group, out_features)

@@ -1,5 +1,6 @@
-// Decode products on CPUs with AVX512-BF16 and AVX512-VNNI: a few rows x [m, k] (m <= 4) against a large weight
-// [n, k] that is either bf16 or int8 with one scale per output row.
+// Decode products on CPUs with AVX512-BF16 and AVX512-VNNI: a few rows x [m, k] against a large weight [n, k] that
+// is bf16 (1-4 rows), int8 with one scale per output row, or group-wise int4 in torch's CPU packing (the last two:
+// any number of rows, in groups of up to 4 over each span of the weight, which stays in the cache between groups).
 //
 // A decode step multiplies one row (or a few) by every weight matrix, so its time is the time to read the weights.
 // This kernel reads each weight row once, front to back, and the rows in order: every thread streams one
@@ -122,10 +123,10 @@ SplitRows split_rows(const at::Tensor& x) {
   return out;
 }
 
-// Output rows [n0, n1) of y [M, n]; w [n, k] int8, w_scale [n] float.
+// Output rows [n0, n1) of x rows [r0, r0 + M) of y [m, n]; w [n, k] int8, w_scale [n] float.
 template <int M, typename Out>
 void int8_rows(const SplitRows& x, const int8_t* w, const float* w_scale, Out* y, int64_t n, int64_t k, int64_t n0,
-               int64_t n1) {
+               int64_t n1, int64_t r0) {
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int64_t t1 = std::min(n1, t0 + kTile);
@@ -146,8 +147,8 @@ void int8_rows(const SplitRows& x, const int8_t* w, const float* w_scale, Out* y
           if (split && row + 1 < t1) _mm_prefetch(reinterpret_cast<const char*>(wr + k + c), _MM_HINT_T0);
           sum = _mm512_dpbusd_epi32(sum, ones, wv);
           for (int m = 0; m < M; ++m) {
-            h[m] = _mm512_dpbusd_epi32(h[m], _mm512_loadu_si512(x.hi.data() + m * x.stride + c), wv);
-            l[m] = _mm512_dpbusd_epi32(l[m], _mm512_loadu_si512(x.lo.data() + m * x.stride + c), wv);
+            h[m] = _mm512_dpbusd_epi32(h[m], _mm512_loadu_si512(x.hi.data() + (r0 + m) * x.stride + c), wv);
+            l[m] = _mm512_dpbusd_epi32(l[m], _mm512_loadu_si512(x.lo.data() + (r0 + m) * x.stride + c), wv);
           }
         }
         weight_sum[row - t0] += _mm512_reduce_add_epi32(sum);
@@ -160,7 +161,8 @@ void int8_rows(const SplitRows& x, const int8_t* w, const float* w_scale, Out* y
     for (int64_t row = t0; row < t1; ++row) {
       for (int m = 0; m < M; ++m) {
         const int64_t q = 256 * (high[row - t0][m] - 128 * weight_sum[row - t0]) + low[row - t0][m];
-        y[m * n + row] = static_cast<Out>(static_cast<float>(static_cast<double>(q) * x.scale[m] * w_scale[row]));
+        y[(r0 + m) * n + row] =
+            static_cast<Out>(static_cast<float>(static_cast<double>(q) * x.scale[r0 + m] * w_scale[row]));
       }
     }
   }
@@ -169,12 +171,18 @@ void int8_rows(const SplitRows& x, const int8_t* w, const float* w_scale, Out* y
 template <typename Out>
 void int8_product_into(const SplitRows& x, const int8_t* w, const float* w_scale, Out* y, int64_t m, int64_t n,
                        int64_t k) {
+  // more than 4 rows: groups of up to 4 over each span of 64 weight rows, which stays in the cache between them
   at::parallel_for(0, n, kTile * 4, [&](int64_t n0, int64_t n1) {
-    switch (m) {
-      case 1: int8_rows<1>(x, w, w_scale, y, n, k, n0, n1); break;
-      case 2: int8_rows<2>(x, w, w_scale, y, n, k, n0, n1); break;
-      case 3: int8_rows<3>(x, w, w_scale, y, n, k, n0, n1); break;
-      default: int8_rows<4>(x, w, w_scale, y, n, k, n0, n1); break;
+    for (int64_t t0 = n0; t0 < n1; t0 += kTile * 4) {
+      const int64_t t1 = std::min(n1, t0 + kTile * 4);
+      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        switch (std::min<int64_t>(4, m - r0)) {
+          case 1: int8_rows<1>(x, w, w_scale, y, n, k, t0, t1, r0); break;
+          case 2: int8_rows<2>(x, w, w_scale, y, n, k, t0, t1, r0); break;
+          case 3: int8_rows<3>(x, w, w_scale, y, n, k, t0, t1, r0); break;
+          default: int8_rows<4>(x, w, w_scale, y, n, k, t0, t1, r0); break;
+        }
+      }
     }
   });
 }
@@ -185,7 +193,7 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "int8_few_row_product: bf16 or f32 x");
   TORCH_CHECK(scales.numel() == w.size(0), "int8_few_row_product: one scale per output row");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(m >= 1 && m <= 4, "int8_few_row_product: 1 to 4 rows, got ", m);
+  TORCH_CHECK(m >= 1, "int8_few_row_product: no rows");
   const SplitRows split = split_rows(x);
   const at::Tensor w_scale = scales.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, x.options());
@@ -253,12 +261,12 @@ FixedRows fixed_rows(const at::Tensor& x, int64_t group) {
   return out;
 }
 
-// Blocks [b0, b1) of 64 output rows: y [M, n_out] from x [M, k], packed [n64 / 64, k, 32] bytes and
+// Blocks [b0, b1) of 64 output rows of x rows [r0, r0 + M): y [m, n_out] from x [m, k], packed [n64 / 64, k, 32] and
 // scales_and_zeros [groups, n64] dwords (bf16 scale in the low half, bf16 zero in the high half).
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
     const FixedRows& x, const uint8_t* packed, const uint32_t* scales_and_zeros, c10::BFloat16* y, int64_t n_out,
-    int64_t n64, int64_t k, int64_t group, int64_t b0, int64_t b1) {
+    int64_t n64, int64_t k, int64_t group, int64_t b0, int64_t b1, int64_t r0) {
   // byte 4l of a dword lane l takes byte l of input k (the first 32 bytes), byte 4l + 2 byte l of input k + 1: rows
   // 0-15 (idx_first) and 16-31 (idx_second); bytes 4l + 1 and 4l + 3 are zeroed by the mask
   alignas(64) uint8_t first[64] = {}, second[64] = {};
@@ -293,7 +301,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
                               _mm512_and_si512(_mm512_srli_epi16(hi, 4), nibble)};
         for (int m = 0; m < M; ++m) {
           int32_t pair;
-          std::memcpy(&pair, x.q.data() + m * k + c, sizeof(pair));  // (x[c], x[c + 1])
+          std::memcpy(&pair, x.q.data() + (r0 + m) * k + c, sizeof(pair));  // (x[c], x[c + 1])
           const __m512i xb = _mm512_set1_epi32(pair);
           for (int i = 0; i < 4; ++i) sum[m][i] = _mm512_dpwssd_epi32(sum[m][i], w[i], xb);
         }
@@ -306,7 +314,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
         for (int m = 0; m < M; ++m) {
           __m512 t = _mm512_load_ps(total[m] + 16 * i);
           t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][i]), scale, t);
-          t = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.group_sum[m * groups + g]), t);
+          t = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.group_sum[(r0 + m) * groups + g]), t);
           _mm512_store_ps(total[m] + 16 * i, t);
         }
       }
@@ -314,7 +322,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
     const int64_t rows = std::min(kBlockRows, n_out - block * kBlockRows);
     for (int m = 0; m < M; ++m)
       for (int64_t r = 0; r < rows; ++r)
-        y[m * n_out + block * kBlockRows + r] = c10::BFloat16(static_cast<float>(total[m][r] * x.scale[m]));
+        y[(r0 + m) * n_out + block * kBlockRows + r] = c10::BFloat16(static_cast<float>(total[m][r] * x.scale[r0 + m]));
   }
 }
 
@@ -322,7 +330,7 @@ at::Tensor int4_few_row_product(const at::Tensor& x, const at::Tensor& packed, c
                                 int64_t group, int64_t n_out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_cpu(), "int4_few_row_product: bf16 x [m, k]");
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(m >= 1 && m <= 4, "int4_few_row_product: 1 to 4 rows, got ", m);
+  TORCH_CHECK(m >= 1, "int4_few_row_product: no rows");
   TORCH_CHECK(group >= 2 && group <= kMaxGroup && group % 2 == 0 && k % group == 0,
               "int4_few_row_product: an even group of at most 256 inputs that divides k");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.is_cpu() &&
@@ -339,12 +347,17 @@ at::Tensor int4_few_row_product(const at::Tensor& x, const at::Tensor& packed, c
   const auto* wp = packed.const_data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros.const_data_ptr());
   auto* yp = y.mutable_data_ptr<c10::BFloat16>();
+  // more than 4 rows: groups of up to 4 over each block of 64 weight rows, which stays in the cache between them
   at::parallel_for(0, n64 / kBlockRows, 2, [&](int64_t b0, int64_t b1) {
-    switch (m) {
-      case 1: int4_blocks<1>(rows, wp, sz, yp, n_out, n64, k, group, b0, b1); break;
-      case 2: int4_blocks<2>(rows, wp, sz, yp, n_out, n64, k, group, b0, b1); break;
-      case 3: int4_blocks<3>(rows, wp, sz, yp, n_out, n64, k, group, b0, b1); break;
-      default: int4_blocks<4>(rows, wp, sz, yp, n_out, n64, k, group, b0, b1); break;
+    for (int64_t block = b0; block < b1; ++block) {
+      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        switch (std::min<int64_t>(4, m - r0)) {
+          case 1: int4_blocks<1>(rows, wp, sz, yp, n_out, n64, k, group, block, block + 1, r0); break;
+          case 2: int4_blocks<2>(rows, wp, sz, yp, n_out, n64, k, group, block, block + 1, r0); break;
+          case 3: int4_blocks<3>(rows, wp, sz, yp, n_out, n64, k, group, block, block + 1, r0); break;
+          default: int4_blocks<4>(rows, wp, sz, yp, n_out, n64, k, group, block, block + 1, r0); break;
+        }
+      }
     }
   });
   return y;
