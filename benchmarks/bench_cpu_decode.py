@@ -175,7 +175,7 @@ def run_child(args) -> dict:
     if library == "gemma3n":
         from gemma3n.row_kernels import row_kernel_status
 
-        result["row_kernel"] = row_kernel_status()  # "on", or "off: why" (bf16 few-row products)
+        result["row_kernel"] = row_kernel_status()  # "on", or "off: why" (few-row bf16, int8 and int4 products)
     return result
 
 
@@ -360,12 +360,10 @@ def markdown(results: dict) -> str:
         if row.get("packed_b1") or row.get("packed_b4")
     ]
     row_kernel = [
-        f"{impl} {', '.join(row['row_kernel'])}"
-        for impl, row in results["summary"].items()
-        if row.get("row_kernel") and "bf16" in impl
+        f"{impl} {', '.join(row['row_kernel'])}" for impl, row in results["summary"].items() if row.get("row_kernel")
     ]
     if row_kernel:
-        lines.append("gemma3n's bf16 row kernel (gemma3n.row_kernels): " + "; ".join(row_kernel) + ".")
+        lines.append("gemma3n's CPU row kernels (gemma3n.row_kernels, bf16 int8 int4): " + "; ".join(row_kernel) + ".")
     if packed:
         lines.append(
             f"bf16 weights packed for oneDNN (gemma3n.text_model.packed_weights), as a job of "

@@ -10,8 +10,9 @@ Kernels: bf16 as the weight-major product of ``gemma3n.text_model.linear`` and a
 it, of which gemma3n takes the faster on this CPU (``few_row_bf16_kernel``, recorded as ``bf16_few_row_kernel``),
 bf16 with oneDNN's packed copy, and bf16 through gemma3n's row kernel (``gemma3n.row_kernels``, where the
 CPU has AVX512-BF16: what gemma3n's unpacked decode steps use for 1-4 rows); int8
-per-channel weight-only (``torch._weight_int8pack_mm``, gemma3n's int8); int4 group-wise
-(``torch._weight_int4pack_mm_for_cpu``, gemma3n's int4); and, measured but not used, fbgemm's dynamic int8 GEMM
+per-channel weight-only and int4 group-wise as gemma3n's quantized layers run them (its VNNI row kernels where the CPU
+has them, else ``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu``; the JSON's ``row_kernel``
+says which); and, measured but not used, fbgemm's dynamic int8 GEMM
 (``torch.ops.quantized.linear_dynamic``), which also quantizes the activations (see the note in the results).
 """
 

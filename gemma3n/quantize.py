@@ -4,13 +4,15 @@
 - ``int4``: asymmetric, one scale and zero per ``group_size`` inputs of each output channel, in the layout of
   ``torch._weight_int4pack_mm_for_cpu``: ``w ~ (q - 8) * scale + zero`` with ``q`` in [0, 15].
 
-Both use torch's own CPU kernels for a few rows (decoding); from ``DEQUANTIZE_FROM_ROWS`` rows (prefill) the weight is
-dequantized to the activation dtype for one float matmul, which keeps prefill at the float speed. On CUDA, int4 uses
+On the CPU, bf16 rows go through gemma3n's VNNI row kernels where the CPU has them (:mod:`gemma3n.row_kernels`: up to
+31 rows in decoding, and in prefill below ``ROW_KERNEL_PREFILL_ROWS``), otherwise through torch's own CPU kernels for
+a few rows; from ``DEQUANTIZE_FROM_ROWS`` rows (prefill) the weight is otherwise dequantized to the activation dtype for
+one float matmul, which keeps prefill at the float speed. On CUDA, int4 uses
 torch's tensor-core kernel ``torch._weight_int4pack_mm`` (:class:`Int4CudaLinear`, same scales and zeros, bf16
 activations), and int8 a float matmul on the converted weight: torch's CUDA ``_weight_int8pack_mm`` is a plain
 one-thread-per-output loop, and under ``torch.compile`` the conversion fuses into the matmul's reads.
 
-Why torch's kernels rather than torchao: torchao's CPU int4 path calls the same kernel, and its eager int8
+Why not torchao: torchao's CPU int4 path calls torch's kernel, and its eager int8
 weight-only path converts the whole weight to the activation dtype on every call
 (benchmarks/results/quant_kernels_cpu2.md).
 
@@ -34,7 +36,7 @@ from tqdm import tqdm
 
 from .mapped_pages import file_mappings, release_mapped_pages
 from .quantized_kernels import int4_product, int8_product
-from .row_kernels import uses_int8_row_kernel
+from .row_kernels import int4_row_kernel_product, int8_row_kernel_product, uses_int4_row_kernel, uses_int8_row_kernel
 from .text_model.linear import SMALL_WEIGHT_ELEMENTS, fused_int8_product, traced_small_product
 
 QUANTIZE_MODES = ("int8", "int4")
@@ -46,6 +48,11 @@ _INT4_ROW_MULTIPLE = 64  # int4 rows are padded to whole 64-row blocks of torch'
 # weight-only kernels are built for a few rows and were 3-6x slower than bf16 at 128-512 rows on this machine type.
 DEQUANTIZE_FROM_ROWS = 32
 _DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24  # weights dequantized at once on that path (32 MB in bf16)
+# Where the VNNI row kernels are ready (gemma3n.row_kernels), bf16 prefill products keep them below these row counts:
+# they beat dequantizing the weight for a float matmul there. E2B's [8192, 2048] and [2048, 8192] on an AMD EPYC,
+# 2 threads, ms per product, kernel against dequantized: int8 at 64 rows 4.5-4.9 / 4.8-4.9, at 128 rows 9.7-10.9 /
+# 6.9-7.7; int4 at 128 rows 7.3-7.7 / 12.2-13.2, at 256 rows 14.5-14.9 / 16.4-17.6, at 512 rows 28.7-31.4 / 27.0.
+ROW_KERNEL_PREFILL_ROWS = {"int8": 64, "int4": 384}
 
 
 def _chunk_rows(cols: int) -> int:
@@ -169,8 +176,12 @@ def _int4_rows(
 # dequantization into reused per-thread buffers.
 @torch.library.custom_op("gemma3n::int8_prefill_linear", mutates_args=())
 def int8_prefill_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (qweight * scales)^T`` [.., out] through :func:`_dequantized_linear` (many rows, CPU)."""
+    """``x @ (qweight * scales)^T`` [.., out] (many rows, CPU): through the VNNI row kernel below
+    ``ROW_KERNEL_PREFILL_ROWS["int8"]`` bf16 rows where it is ready, else :func:`_dequantized_linear`."""
     out_features, in_features = qweight.shape
+    rows_2d = x.reshape(-1, in_features)  # [n, in]
+    if uses_int8_row_kernel(rows_2d, qweight, max_rows=ROW_KERNEL_PREFILL_ROWS["int8"] - 1):
+        return int8_row_kernel_product(rows_2d, qweight, scales).view(*x.shape[:-1], out_features)
     rows = functools.partial(_int8_rows, qweight, scales)
     return _dequantized_linear(x, rows, out_features, in_features)
 
@@ -184,7 +195,13 @@ def _(x, qweight, scales):
 def int4_prefill_linear(
     x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int
 ) -> torch.Tensor:
-    """``x @ W^T`` [.., out] for the int4 weight of :class:`Int4Linear`, through :func:`_dequantized_linear`."""
+    """``x @ W^T`` [.., out] for the int4 weight of :class:`Int4Linear` (many rows, CPU): through the VNNI row kernel
+    below ``ROW_KERNEL_PREFILL_ROWS["int4"]`` bf16 rows where it is ready, else :func:`_dequantized_linear`."""
+    rows_2d = x.reshape(-1, scales_and_zeros.shape[0] * group_size)  # [n, in]
+    limit = ROW_KERNEL_PREFILL_ROWS["int4"] - 1
+    if uses_int4_row_kernel(rows_2d, packed, scales_and_zeros, group_size, max_rows=limit):
+        out = int4_row_kernel_product(rows_2d, packed, scales_and_zeros, group_size, out_features)
+        return out.view(*x.shape[:-1], out_features)
     rows = functools.partial(_int4_rows, packed, scales_and_zeros, group_size, out_features)
     return _dequantized_linear(x, rows, out_features, scales_and_zeros.shape[0] * group_size)
 

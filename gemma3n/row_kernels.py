@@ -146,8 +146,8 @@ def row_kernel_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def uses_int8_row_kernel(rows: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """Whether ``rows`` [m, in] (bf16, m <= 31) times an int8 CPU weight [out, in] goes through
+def uses_int8_row_kernel(rows: torch.Tensor, qweight: torch.Tensor, max_rows: int = MAX_QUANTIZED_ROWS) -> bool:
+    """Whether ``rows`` [m, in] (bf16, m <= ``max_rows``) times an int8 CPU weight [out, in] goes through
     :func:`int8_row_kernel_product`, with the kernel ready. float32 rows keep torch's kernel: their 24-bit values
     would lose precision in the 16-bit rounding, where bf16 rows (8 bits) do not."""
     return (
@@ -157,7 +157,7 @@ def uses_int8_row_kernel(rows: torch.Tensor, qweight: torch.Tensor) -> bool:
         and qweight.dtype == torch.int8
         and qweight.is_contiguous()
         and rows.dim() == 2
-        and 0 < rows.shape[0] <= MAX_QUANTIZED_ROWS
+        and 0 < rows.shape[0] <= max_rows
         and row_kernel_ready()
     )
 
@@ -168,8 +168,14 @@ def int8_row_kernel_product(rows: torch.Tensor, qweight: torch.Tensor, scales: t
     return torch.ops.gemma3n_cpu.int8_few_row_product(rows.contiguous(), qweight, scales)
 
 
-def uses_int4_row_kernel(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> bool:
-    """Whether ``rows`` [m, in] (bf16, m <= 31) times an int4 weight in torch's CPU packing goes through
+def uses_int4_row_kernel(
+    rows: torch.Tensor,
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    group: int,
+    max_rows: int = MAX_QUANTIZED_ROWS,
+) -> bool:
+    """Whether ``rows`` [m, in] (bf16, m <= ``max_rows``) times an int4 weight in torch's CPU packing goes through
     :func:`int4_row_kernel_product`: bf16 scales and zeros, groups of an even size up to 256, the kernel ready and the
     CPU with AVX512-VBMI. float32 rows keep torch's kernel (as for int8)."""
     return (
@@ -180,7 +186,7 @@ def uses_int4_row_kernel(rows: torch.Tensor, packed: torch.Tensor, scales_and_ze
         and packed.is_contiguous()
         and scales_and_zeros.is_contiguous()
         and rows.dim() == 2
-        and 0 < rows.shape[0] <= MAX_QUANTIZED_ROWS
+        and 0 < rows.shape[0] <= max_rows
         and group % 2 == 0
         and 2 <= group <= 256
         and row_kernel_ready()

@@ -365,3 +365,28 @@ def test_an_int4_model_decodes_the_same_through_the_kernel(tiny_lm, monkeypatch)
     torch_error, our_error, calls = _quantized_decode_errors(tiny_lm, "int4", "int4_row_kernel_product", monkeypatch)
     assert 2 in calls and 18 in calls
     assert our_error <= 1.5 * torch_error + 1e-3, (our_error, torch_error)
+
+
+@needs_int4_kernel
+def test_prefill_products_keep_the_kernels_below_their_row_counts(monkeypatch):
+    """The quantized layers' prefill ops (32 rows and more) use the kernels below ``ROW_KERNEL_PREFILL_ROWS`` bf16
+    rows, within the kernels' bounds, and dequantize the weight for a float matmul from there on."""
+    calls = []
+    for name in ("int8_row_kernel_product", "int4_row_kernel_product"):
+        original = getattr(quantize, name)
+        monkeypatch.setattr(quantize, name, lambda *a, original=original: calls.append(a[0].shape[0]) or original(*a))
+    int8 = quantize.Int8Linear.from_weight(torch.randn(300, 128, generator=torch.Generator().manual_seed(1)).bfloat16())
+    int4 = _int4_layer(128, 64, seed=2, outputs=300)
+    int8_limit, int4_limit = quantize.ROW_KERNEL_PREFILL_ROWS["int8"], quantize.ROW_KERNEL_PREFILL_ROWS["int4"]
+    with torch.inference_mode():
+        x = _int4_rows(int8_limit - 1, 128, seed=3)
+        assert within_int8_bound(int8(x.view(1, -1, 128)).view(-1, 300), x, int8.qweight, int8.scales)
+        assert calls == [int8_limit - 1]
+        int8(_int4_rows(int8_limit, 128, seed=4))
+        assert calls == [int8_limit - 1]  # dequantized
+        x = _int4_rows(int4_limit - 1, 128, seed=5)
+        assert within_int4_bound(int4(x.view(1, -1, 128)).view(-1, 300), x, int4)
+        assert calls == [int8_limit - 1, int4_limit - 1]
+        int4(_int4_rows(int4_limit, 128, seed=6))
+        int4(_int4_rows(40, 128, seed=7).float())  # float32 rows: dequantized, as before
+    assert calls == [int8_limit - 1, int4_limit - 1]
