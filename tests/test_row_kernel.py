@@ -154,6 +154,19 @@ def test_without_a_compiler_products_fall_back_with_one_line_of_reason(tmp_path)
     assert len(reasons) == 1, run.stderr
 
 
+def _eager_and_traced(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """``layer(x)`` eager and compiled (whole graph), and the ops the compiled graph calls."""
+    from test_decode_speed import _GraphRecorder
+
+    with torch.inference_mode():
+        eager = layer(x)
+        recorder = _GraphRecorder()
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend=recorder, fullgraph=True)(x)
+        torch._dynamo.reset()
+    return eager, compiled, recorder.targets
+
+
 # ---- int8 weights (AVX512-VNNI) -------------------------------------------------------------------------------------
 def within_int8_bound(got: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
     """``got`` = x @ (qweight * scales).T within the kernel's two roundings: each x row to 16-bit fixed point (at most
@@ -208,9 +221,7 @@ def test_int8_products_of_zero_and_non_finite_rows():
 @needs_kernel
 def test_int8_layers_use_it_eager_and_compiled(monkeypatch):
     """An int8 layer's 1-4 row products go through the kernel, traced into a compiled graph as its op (not the
-    fused multiply-and-sum or torch's int8 kernel); more rows keep torch's kernel."""
-    from test_decode_speed import _GraphRecorder
-
+    fused multiply-and-sum or torch's int8 kernel); so do more rows (up to 31)."""
     from gemma3n.quantize import Int8Linear
 
     monkeypatch.setattr(linear, "SMALL_WEIGHT_ELEMENTS", 0)
@@ -218,14 +229,10 @@ def test_int8_layers_use_it_eager_and_compiled(monkeypatch):
     weight = torch.randn(300, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
     layer = Int8Linear.from_weight(weight)
     x = torch.randn(2, 1, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    eager, compiled, targets = _eager_and_traced(layer, x)
     with torch.inference_mode():
-        eager = layer(x)
-        recorder = _GraphRecorder()
-        torch._dynamo.reset()
-        compiled = torch.compile(layer, backend=recorder, fullgraph=True)(x)
-        torch._dynamo.reset()
         many = layer(torch.randn(6, 128).bfloat16())
-    assert recorder.targets == [torch.ops.gemma3n_cpu.int8_few_row_product], recorder.targets
+    assert targets == [torch.ops.gemma3n_cpu.int8_few_row_product], targets
     assert torch.equal(compiled, eager)
     assert within_int8_bound(eager.reshape(2, 300), x.reshape(2, 128), layer.qweight, layer.scales)
     assert many.shape == (6, 300)
@@ -343,17 +350,10 @@ def test_int4_products_of_zero_and_non_finite_rows_and_the_products_that_do_not_
 @needs_int4_kernel
 def test_int4_layers_use_it_eager_and_compiled():
     """An int4 layer's 1-4 row products go through the kernel, traced into a compiled graph as its op."""
-    from test_decode_speed import _GraphRecorder
-
     layer = _int4_layer(128, 64, seed=8, outputs=300)
     x = _int4_rows(2, 128, seed=9).view(2, 1, 128)
-    with torch.inference_mode():
-        eager = layer(x)
-        recorder = _GraphRecorder()
-        torch._dynamo.reset()
-        compiled = torch.compile(layer, backend=recorder, fullgraph=True)(x)
-        torch._dynamo.reset()
-    assert recorder.targets == [torch.ops.gemma3n_cpu.int4_few_row_product], recorder.targets
+    eager, compiled, targets = _eager_and_traced(layer, x)
+    assert targets == [torch.ops.gemma3n_cpu.int4_few_row_product], targets
     assert torch.equal(compiled, eager) and eager.shape == (2, 1, 300)
     assert within_int4_bound(eager.reshape(2, 300), x.reshape(2, 128), layer)
 

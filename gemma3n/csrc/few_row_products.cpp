@@ -87,6 +87,20 @@ constexpr int64_t kBytes = 64;    // int8 values per 512-bit register
 constexpr int64_t kBlockBytes = 16384;  // bytes of x (hi and lo of every row) per pass: they stay in the L1 cache
 constexpr int64_t kTile = 16;     // weight rows that share one pass over a block of x
 
+// The 16-bit fixed-point scale of one x row, s = max|x| / 32767 (0 for a row of zeros; NaN when the row holds an inf
+// or a nan, whose products are not finite either), and 1 / s for the rounding (0 where s is 0).
+double fixed_point_scale(const float* row, int64_t k, float* inverse) {
+  float largest = 0.0f;
+  bool finite = true;
+  for (int64_t c = 0; c < k; ++c) {
+    finite = finite && std::isfinite(row[c]);
+    largest = std::max(largest, std::abs(row[c]));
+  }
+  *inverse = finite && largest > 0.0f ? 32767.0f / largest : 0.0f;
+  if (!finite) return std::numeric_limits<double>::quiet_NaN();
+  return largest > 0.0f ? static_cast<double>(largest) / 32767.0 : 0.0;
+}
+
 struct SplitRows {  // x as offset high bytes and low bytes, [m, padded k] each (zero padding)
   std::vector<uint8_t> hi, lo;
   std::vector<double> scale;
@@ -102,18 +116,9 @@ SplitRows split_rows(const at::Tensor& x) {
   out.lo.assign(m * out.stride, 0);
   for (int64_t i = 0; i < m; ++i) {
     const float* row = xp + i * k;
-    float largest = 0.0f;
-    bool finite = true;
-    for (int64_t c = 0; c < k; ++c) {
-      finite = finite && std::isfinite(row[c]);
-      largest = std::max(largest, std::abs(row[c]));
-    }
-    if (!finite) {  // inf or nan in x: the products are not finite either
-      out.scale[i] = std::numeric_limits<double>::quiet_NaN();
-      continue;
-    }
-    const float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
-    out.scale[i] = largest > 0.0f ? static_cast<double>(largest) / 32767.0 : 0.0;
+    float inverse;
+    out.scale[i] = fixed_point_scale(row, k, &inverse);
+    if (std::isnan(out.scale[i])) continue;
     for (int64_t c = 0; c < k; ++c) {
       const int32_t q = std::clamp(static_cast<int32_t>(std::nearbyint(row[c] * inverse)), -32767, 32767);
       out.hi[i * out.stride + c] = static_cast<uint8_t>((q >> 8) + 128);  // arithmetic shift: floor(q / 256)
@@ -236,18 +241,9 @@ FixedRows fixed_rows(const at::Tensor& x, int64_t group) {
   FixedRows out{std::vector<int16_t>(m * k, 0), std::vector<float>(m * groups, 0.0f), std::vector<double>(m)};
   for (int64_t i = 0; i < m; ++i) {
     const float* row = xp + i * k;
-    float largest = 0.0f;
-    bool finite = true;
-    for (int64_t c = 0; c < k; ++c) {
-      finite = finite && std::isfinite(row[c]);
-      largest = std::max(largest, std::abs(row[c]));
-    }
-    if (!finite) {
-      out.scale[i] = std::numeric_limits<double>::quiet_NaN();
-      continue;
-    }
-    const float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
-    out.scale[i] = largest > 0.0f ? static_cast<double>(largest) / 32767.0 : 0.0;
+    float inverse;
+    out.scale[i] = fixed_point_scale(row, k, &inverse);
+    if (std::isnan(out.scale[i])) continue;
     for (int64_t g = 0; g < groups; ++g) {
       int32_t sum = 0;
       for (int64_t c = g * group; c < (g + 1) * group; ++c) {
