@@ -41,7 +41,7 @@ MAX_ROWS = 4  # the bf16 kernel's row counts: 1 to 4
 MAX_QUANTIZED_ROWS = 31
 SOURCE = Path(__file__).parent / "csrc" / "few_row_products.cpp"
 _EXTENSION = "gemma3n_cpu_row_kernel"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 _loaded: bool | None = None  # None: not tried yet in this process
 _why_not = ""  # when not loaded: why
 _int4_loaded = False  # loaded, on a CPU with AVX512-VBMI too (the int4 kernel's byte permutation)
@@ -58,8 +58,9 @@ def _cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_row_kernel_instructions() -> bool:
-    """Whether this CPU has AVX512-BF16 and AVX512-VNNI (flags in ``/proc/cpuinfo``; False where that is absent)."""
-    return {"avx512_bf16", "avx512_vnni"} <= _cpu_flags()
+    """Whether this CPU has AVX512-BF16 and AVX512-VNNI (with AVX512-BW and VL, which every such CPU has; flags in
+    ``/proc/cpuinfo``; False where that is absent)."""
+    return {"avx512_bf16", "avx512_vnni", "avx512bw", "avx512vl"} <= _cpu_flags()
 
 
 def cpu_has_int4_row_kernel_instructions() -> bool:
@@ -105,8 +106,9 @@ def prepare_row_kernel() -> bool:
             _loaded = True
             _int4_loaded = cpu_has_int4_row_kernel_instructions()
         except Exception as error:  # no compiler or ninja: the other kernels serve, and we say so once
-            first_line = (str(error).splitlines() or [""])[0]
-            _loaded, _why_not = False, f"building it failed ({type(error).__name__}: {first_line})"
+            lines = str(error).splitlines()  # the compiler's first error, else the message's first line
+            reason = next((line.strip() for line in lines if "error:" in line), lines[0] if lines else "")
+            _loaded, _why_not = False, f"building it failed ({type(error).__name__}: {reason})"
             print(f"gemma3n: the CPU row kernel is off: {_why_not}", file=sys.stderr)
     return _loaded
 

@@ -7,7 +7,8 @@
 // contiguous range of the weight, which the hardware prefetchers follow at the memory's read bandwidth. Each 32
 // values of a weight row meet the same 32 values of every x row in one VDPBF16PS (bf16 pairs multiplied and summed
 // into float32 lanes); two accumulators per x row hide its latency. One rounding to bf16 at the end, per output.
-// int8 weights go through VPDPBUSD (unsigned bytes times signed bytes, summed in int32 lanes); see int8_rows.
+// int8 and int4 weights meet x rows rounded to 16-bit fixed point in VPDPWSSD (int16 pairs summed into int32 lanes);
+// see int8_rows and int4_blocks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -77,18 +78,13 @@ at::Tensor bf16_few_row_product(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// ---- int8 weights ------------------------------------------------------------------------------------------------
+// ---- x rows in 16-bit fixed point (int8 and int4 weights) ---------------------------------------------------------
 // Each x row is rounded to 16-bit fixed point with its own scale: q = round(x / s), s = max|x| / 32767, so the rounding
-// error is at most s / 2 per value (2^-16 of the row's largest value; bf16 itself keeps 8 bits). q = 256 * hi + lo with
-// hi in [-128, 127] and lo in [0, 255]. VPDPBUSD multiplies unsigned bytes by signed bytes, so hi is stored offset by
-// 128 and the offset's share, 128 * sum(w), is taken off with the weight row's own sum (one more VPDPBUSD, by ones).
-// Sums are exact in integers; y = s * scale * (256 * (H - 128 * W) + L) is formed in double and rounded once.
-constexpr int64_t kBytes = 64;    // int8 values per 512-bit register
-constexpr int64_t kBlockBytes = 16384;  // bytes of x (hi and lo of every row) per pass: they stay in the L1 cache
-constexpr int64_t kTile = 16;     // weight rows that share one pass over a block of x
+// error is at most s / 2 per value (about 2^-16 of the row's largest value; bf16 itself keeps 8 bits). The products
+// with integer weights are then exact integer sums, scaled and rounded once at the end.
 
-// The 16-bit fixed-point scale of one x row, s = max|x| / 32767 (0 for a row of zeros; NaN when the row holds an inf
-// or a nan, whose products are not finite either), and 1 / s for the rounding (0 where s is 0).
+// The scale of one x row, s = max|x| / 32767 (0 for a row of zeros; NaN when the row holds an inf or a nan, whose
+// products are not finite either), and 1 / s for the rounding (0 where s is 0).
 double fixed_point_scale(const float* row, int64_t k, float* inverse) {
   float largest = 0.0f;
   bool finite = true;
@@ -101,80 +97,98 @@ double fixed_point_scale(const float* row, int64_t k, float* inverse) {
   return largest > 0.0f ? static_cast<double>(largest) / 32767.0 : 0.0;
 }
 
-struct SplitRows {  // x as offset high bytes and low bytes, [m, padded k] each (zero padding)
-  std::vector<uint8_t> hi, lo;
+struct FixedRows {  // x rounded to int16 per row: q [m, k], scale [m], and the sum of q over each group [m, groups]
+  std::vector<int16_t> q;
+  std::vector<float> group_sum;  // exact integers (|sum| <= 256 * 32767 < 2^24)
   std::vector<double> scale;
-  int64_t stride;
 };
 
-SplitRows split_rows(const at::Tensor& x) {
-  const int64_t m = x.size(0), k = x.size(1);
+FixedRows fixed_rows(const at::Tensor& x, int64_t group) {  // group 0: no group sums
+  const int64_t m = x.size(0), k = x.size(1), groups = group > 0 ? k / group : 0;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
-  SplitRows out{{}, {}, std::vector<double>(m), (k + kBytes - 1) / kBytes * kBytes};
-  out.hi.assign(m * out.stride, 0);
-  out.lo.assign(m * out.stride, 0);
+  FixedRows out{std::vector<int16_t>(m * k, 0), std::vector<float>(m * groups, 0.0f), std::vector<double>(m)};
   for (int64_t i = 0; i < m; ++i) {
     const float* row = xp + i * k;
     float inverse;
     out.scale[i] = fixed_point_scale(row, k, &inverse);
     if (std::isnan(out.scale[i])) continue;
-    for (int64_t c = 0; c < k; ++c) {
-      const int32_t q = std::clamp(static_cast<int32_t>(std::nearbyint(row[c] * inverse)), -32767, 32767);
-      out.hi[i * out.stride + c] = static_cast<uint8_t>((q >> 8) + 128);  // arithmetic shift: floor(q / 256)
-      out.lo[i * out.stride + c] = static_cast<uint8_t>(q & 0xFF);
+    int16_t* q = out.q.data() + i * k;
+    for (int64_t c = 0; c < k; ++c)
+      q[c] = static_cast<int16_t>(std::clamp(static_cast<int32_t>(std::nearbyint(row[c] * inverse)), -32767, 32767));
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) sum += q[c];
+      out.group_sum[i * groups + g] = static_cast<float>(sum);
     }
   }
   return out;
 }
 
+// ---- int8 weights ------------------------------------------------------------------------------------------------
+// One scale per output row. Each 32 int8 weights are widened to int16 (VPMOVSXBW) and meet 32 values of every x row
+// in one VPDPWSSD (pairs of int16 products summed into int32 lanes). A lane of an accumulator takes one pair per 64
+// inputs (two more in a block's tail), so over a block of at most 4096 inputs it holds at most 66 pairs of products of
+// at most 128 * 32767: 5.5e8 < 2^31. The lanes are summed in int64, and y = s * scale * sum is formed in double and
+// rounded once. (Widening the weight costs one instruction per 32 weights, shared by all x rows; splitting x into two
+// bytes for VPDPBUSD instead costs two instructions per x row and read 1.0-1.6x slower on E2B shapes, AMD EPYC.)
+constexpr int64_t kTile = 16;  // weight rows that share one pass over a block of x
+
+inline __m512i sum_halves(__m512i v) {  // 16 int32 lanes -> 8 int64 lanes (pairs summed), no overflow
+  return _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                          _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+}
+
 // Output rows [n0, n1) of x rows [r0, r0 + M) of y [m, n]; w [n, k] int8, w_scale [n] float.
 template <int M, typename Out>
-void int8_rows(const SplitRows& x, const int8_t* w, const float* w_scale, Out* y, int64_t n, int64_t k, int64_t n0,
+void int8_rows(const FixedRows& x, const int8_t* w, const float* w_scale, Out* y, int64_t n, int64_t k, int64_t n0,
                int64_t n1, int64_t r0) {
-  const __m512i ones = _mm512_set1_epi8(1);
+  constexpr int64_t block = std::min<int64_t>(4096, 8192 / M);  // inputs per pass: 16 KB of x at most, in L1
+  const bool split = block < k;
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int64_t t1 = std::min(n1, t0 + kTile);
-    int64_t high[kTile][M] = {}, low[kTile][M] = {}, weight_sum[kTile] = {};
-    constexpr int64_t block = kBlockBytes / (2 * M);  // inputs per pass
-    const bool split = block < k;
+    int64_t total[kTile][M] = {};
     for (int64_t b0 = 0; b0 < k; b0 += block) {
       const int64_t b1 = std::min(k, b0 + block);
       for (int64_t row = t0; row < t1; ++row) {
         const int8_t* wr = w + row * k;
-        __m512i h[M], l[M], sum = _mm512_setzero_si512();
-        for (int m = 0; m < M; ++m) h[m] = l[m] = _mm512_setzero_si512();
-        for (int64_t c = b0; c < b1; c += kBytes) {
-          const __m512i wv = b1 - c >= kBytes
-                                 ? _mm512_loadu_si512(wr + c)
-                                 : _mm512_maskz_loadu_epi8(static_cast<__mmask64>((1ULL << (b1 - c)) - 1), wr + c);
+        __m512i even[M], odd[M];
+        for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_si512();
+        int64_t c = b0;
+        for (; c + 64 <= b1; c += 64) {
           // rows read block by block are strided streams the prefetcher misses: fetch the next row's block alongside
           if (split && row + 1 < t1) _mm_prefetch(reinterpret_cast<const char*>(wr + k + c), _MM_HINT_T0);
-          sum = _mm512_dpbusd_epi32(sum, ones, wv);
+          const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c)));
+          const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c + 32)));
           for (int m = 0; m < M; ++m) {
-            h[m] = _mm512_dpbusd_epi32(h[m], _mm512_loadu_si512(x.hi.data() + (r0 + m) * x.stride + c), wv);
-            l[m] = _mm512_dpbusd_epi32(l[m], _mm512_loadu_si512(x.lo.data() + (r0 + m) * x.stride + c), wv);
+            const int16_t* xr = x.q.data() + (r0 + m) * k + c;
+            even[m] = _mm512_dpwssd_epi32(even[m], w0, _mm512_loadu_si512(xr));
+            odd[m] = _mm512_dpwssd_epi32(odd[m], w1, _mm512_loadu_si512(xr + 32));
           }
         }
-        weight_sum[row - t0] += _mm512_reduce_add_epi32(sum);
+        for (; c < b1; c += 32) {  // the last (possibly partial) groups of 32 inputs
+          const __mmask32 mask = static_cast<__mmask32>((1ULL << std::min<int64_t>(32, b1 - c)) - 1);
+          const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, wr + c));
+          for (int m = 0; m < M; ++m)
+            even[m] = _mm512_dpwssd_epi32(even[m], w0, _mm512_maskz_loadu_epi16(mask, x.q.data() + (r0 + m) * k + c));
+        }
         for (int m = 0; m < M; ++m) {
-          high[row - t0][m] += _mm512_reduce_add_epi32(h[m]);
-          low[row - t0][m] += _mm512_reduce_add_epi32(l[m]);
+          const __m512i lanes = _mm512_add_epi64(sum_halves(even[m]), sum_halves(odd[m]));
+          total[row - t0][m] += _mm512_reduce_add_epi64(lanes);
         }
       }
     }
     for (int64_t row = t0; row < t1; ++row) {
       for (int m = 0; m < M; ++m) {
-        const int64_t q = 256 * (high[row - t0][m] - 128 * weight_sum[row - t0]) + low[row - t0][m];
-        y[(r0 + m) * n + row] =
-            static_cast<Out>(static_cast<float>(static_cast<double>(q) * x.scale[r0 + m] * w_scale[row]));
+        const double product = static_cast<double>(total[row - t0][m]) * x.scale[r0 + m] * w_scale[row];
+        y[(r0 + m) * n + row] = static_cast<Out>(static_cast<float>(product));
       }
     }
   }
 }
 
 template <typename Out>
-void int8_product_into(const SplitRows& x, const int8_t* w, const float* w_scale, Out* y, int64_t m, int64_t n,
+void int8_product_into(const FixedRows& x, const int8_t* w, const float* w_scale, Out* y, int64_t m, int64_t n,
                        int64_t k) {
   // more than 4 rows: groups of up to 4 over each span of 64 weight rows, which stays in the cache between them
   at::parallel_for(0, n, kTile * 4, [&](int64_t n0, int64_t n1) {
@@ -199,7 +213,7 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
   TORCH_CHECK(scales.numel() == w.size(0), "int8_few_row_product: one scale per output row");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   TORCH_CHECK(m >= 1, "int8_few_row_product: no rows");
-  const SplitRows split = split_rows(x);
+  const FixedRows split = fixed_rows(x, 0);
   const at::Tensor w_scale = scales.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, x.options());
   const auto* wp = w.const_data_ptr<int8_t>();
@@ -211,7 +225,6 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
   return y;
 }
 
-
 // ---- int4 weights, in torch's CPU packing --------------------------------------------------------------------------
 // The weight comes as ``torch._convert_weight_to_int4pack_for_cpu`` lays it out: output rows in blocks of 64, and in
 // a block, for each input k, 32 bytes: byte j holds row j's value (low nibble) and row j + 32's (high nibble), values
@@ -221,41 +234,11 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
 // Here the lanes are output rows. Inputs k and k + 1 of a block are 64 contiguous bytes; one byte permutation
 // (VPERMB, AVX512-VBMI) turns them into 16 dword lanes (byte of k, 0, byte of k + 1, 0) for 16 rows, and masking and
 // shifting give the int16 pairs (q[row, k], q[row, k + 1]) of the low and the high nibble's rows. VPDPWSSD multiplies
-// each pair by the pair (x[k], x[k + 1]) and sums into int32 lanes. x rows are rounded to 16-bit fixed point with their
-// own scale, as for int8 (no split into bytes is needed: the pairs are int16); a group's sums are exact in int32
-// (|sum| <= 256 * 15 * 32767 < 2^31 for groups of up to 256 inputs; longer groups are refused) and go to float32
-// (one rounding) per group, scaled, into per-row float32 totals.
+// each pair by the pair (x[k], x[k + 1]) of the 16-bit x rows (above) and sums into int32 lanes. A group's sums are
+// exact in int32 (|sum| <= 256 * 15 * 32767 < 2^31 for groups of up to 256 inputs; longer groups are refused) and go
+// to float32 (one rounding) per group, scaled, into per-row float32 totals.
 constexpr int64_t kBlockRows = 64;  // rows per block of torch's packing
 constexpr int64_t kMaxGroup = 256;  // the sums of x over a group stay exact in float32
-
-struct FixedRows {  // x rounded to int16 per row: q [m, k], scale [m], and the sum of q over each group [m, groups]
-  std::vector<int16_t> q;
-  std::vector<float> group_sum;  // exact integers (|sum| <= 256 * 32767 < 2^24)
-  std::vector<double> scale;
-};
-
-FixedRows fixed_rows(const at::Tensor& x, int64_t group) {
-  const int64_t m = x.size(0), k = x.size(1), groups = k / group;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.const_data_ptr<float>();
-  FixedRows out{std::vector<int16_t>(m * k, 0), std::vector<float>(m * groups, 0.0f), std::vector<double>(m)};
-  for (int64_t i = 0; i < m; ++i) {
-    const float* row = xp + i * k;
-    float inverse;
-    out.scale[i] = fixed_point_scale(row, k, &inverse);
-    if (std::isnan(out.scale[i])) continue;
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t sum = 0;
-      for (int64_t c = g * group; c < (g + 1) * group; ++c) {
-        const int32_t q = std::clamp(static_cast<int32_t>(std::nearbyint(row[c] * inverse)), -32767, 32767);
-        out.q[i * k + c] = static_cast<int16_t>(q);
-        sum += q;
-      }
-      out.group_sum[i * groups + g] = static_cast<float>(sum);
-    }
-  }
-  return out;
-}
 
 // Blocks [b0, b1) of 64 output rows of x rows [r0, r0 + M): y [m, n_out] from x [m, k], packed [n64 / 64, k, 32] and
 // scales_and_zeros [groups, n64] dwords (bf16 scale in the low half, bf16 zero in the high half).
