@@ -1,4 +1,4 @@
-"""CPU kernels for decode products: a few rows against a large bf16 or int8 weight, at the memory's read bandwidth.
+"""CPU kernels for decode products: a few rows against a large bf16, int8 or int4 weight, at the memory's read speed.
 
 A decode step multiplies 1-4 rows by every weight matrix, so its time is the time to read the weights. On an AMD EPYC
 (Zen 4, 2 cores) every library kernel we measured stalled at about 29-37 GB/s (oneDNN's ``F.linear`` 21, oneDNN with
@@ -10,8 +10,9 @@ kernels and inductor's templates were measured), so it is our own C++.
 
 int8 weights (one scale per output row, :class:`gemma3n.quantize.Int8Linear`) go through AVX512-VNNI: each x row is
 rounded to 16-bit fixed point with its own scale (an error of at most 2^-16 of the row's largest value, far below the
-weights' int8 rounding), split into two bytes, and multiplied with the int8 weight in exact integer sums. torch's
-int8 kernel read E2B-sized weights at 21 GB/s for one row and 15 for four; this one at the read bandwidth for one row.
+weights' int8 rounding), and the weight, widened to int16, meets it in VPDPWSSD: exact integer sums, one rounding at
+the end. torch's int8 kernel read E2B-sized weights at 21 GB/s for one row and 15 for four; this one at the read
+bandwidth for one row.
 
 int4 weights (:class:`gemma3n.quantize.Int4Linear`, torch's CPU packing read as it is) go through a byte permutation
 (AVX512-VBMI) into lanes of output rows and VPDPWSSD against the same 16-bit rows: exact integer sums per group, then
@@ -19,7 +20,7 @@ the group's scale and zero in float32. On E2B shapes it ran 1.6-1.9x torch's int
 
 It is compiled once per machine with torch's extension builder (a C++ compiler and ninja; a few seconds, cached in
 torch's extension directory) on the first product that can use it, and used only where the CPU has AVX512-BF16 and
-AVX512-VNNI.
+AVX512-VNNI (int4: AVX512-VBMI too).
 ``GEMMA3N_ROW_KERNEL=0`` turns it off; without the instructions or a compiler, products keep the other paths.
 """
 
