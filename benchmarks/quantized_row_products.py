@@ -1,0 +1,126 @@
+"""Quantized products of 1-512 bf16 rows on the CPU: gemma3n's row kernels against torch's kernels and against
+dequantizing the weight for a float matmul (the prefill path), on E2B's MLP shapes.
+
+    flock /tmp/gemma3n-heavy.lock python benchmarks/quantized_row_products.py
+
+What it backs: ``gemma3n.row_kernels.MAX_QUANTIZED_ROWS`` (few-row products take the kernels) and
+``gemma3n.quantize.ROW_KERNEL_PREFILL_ROWS`` (prefill products keep them below those row counts). Per weight format
+(int8 per channel, int4 groups of 64) and shape ([8192, 2048] gate/up, [2048, 8192] down), enough copies of the
+weight to exceed the last-level cache are cycled through, so each product reads its weight from memory. Variants are
+interleaved over ``--rounds``; ms per product, medians and ranges. Writes JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from run_meta import run_meta, write_json
+
+from gemma3n import quantize
+from gemma3n.quantize import Int4Linear, Int8Linear, int4_prefill_linear, int8_prefill_linear
+from gemma3n.row_kernels import prepare_row_kernel, row_kernel_status
+
+SHAPES = {"gate/up [8192, 2048]": (8192, 2048), "down [2048, 8192]": (2048, 8192)}
+COPY_BYTES = 96e6  # weight bytes cycled through per variant: more than the last-level cache
+
+
+def variants(fmt: str) -> dict[str, Callable]:
+    """name -> product(layer, x) for one weight format."""
+    if fmt == "int8":
+        return {
+            "row kernel": lambda layer, x: torch.ops.gemma3n_cpu.int8_few_row_product(x, layer.qweight, layer.scales),
+            "torch kernel": lambda layer, x: torch._weight_int8pack_mm(x, layer.qweight, layer.scales.to(x.dtype)),
+            "dequantized matmul": lambda layer, x: int8_prefill_linear(x, layer.qweight, layer.scales),
+        }
+    return {
+        "row kernel": lambda layer, x: torch.ops.gemma3n_cpu.int4_few_row_product(
+            x, layer.packed, layer.scales_and_zeros, layer.group_size, layer.out_features
+        ),
+        "torch kernel": lambda layer, x: torch._weight_int4pack_mm_for_cpu(
+            x, layer.packed, layer.group_size, layer.scales_and_zeros
+        ),
+        "dequantized matmul": lambda layer, x: int4_prefill_linear(
+            x, layer.packed, layer.scales_and_zeros, layer.group_size, layer.out_features
+        ),
+    }
+
+
+def ms_per_product(product: Callable, layers: list, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    for layer in layers:
+        product(layer, x)
+    return (time.perf_counter() - start) / len(layers) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8, 16, 31, 64, 128, 256, 384, 512])
+    parser.add_argument("--formats", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quantized_row_products")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    load_before = os.getloadavg()
+    if not prepare_row_kernel():
+        raise SystemExit(f"gemma3n's row kernels are {row_kernel_status()}: nothing to compare")
+    # the prefill ops would otherwise take the row kernels below their thresholds: measure the dequantized path alone
+    quantize.ROW_KERNEL_PREFILL_ROWS = dict.fromkeys(quantize.ROW_KERNEL_PREFILL_ROWS, 0)
+    rows_out = []
+    with torch.inference_mode():
+        for fmt in args.formats:
+            for shape_name, (n, k) in SHAPES.items():
+                copies = max(2, int(COPY_BYTES // (n * k if fmt == "int8" else n * k // 2)))
+                generator = torch.Generator().manual_seed(n + k)
+                layers = []
+                for _ in range(copies):
+                    weight = (torch.randn(n, k, generator=generator) * 0.05).bfloat16()
+                    layers.append(Int8Linear.from_weight(weight) if fmt == "int8" else Int4Linear.from_weight(weight))
+                for rows in args.rows:
+                    x = torch.randn(rows, k, generator=generator).bfloat16()
+                    products = variants(fmt)
+                    times: dict[str, list[float]] = {name: [] for name in products}
+                    for _ in range(args.rounds):
+                        for name, product in products.items():
+                            times[name].append(ms_per_product(product, layers, x))
+                    row = {"format": fmt, "shape": shape_name, "rows": rows, "copies": copies}
+                    for name in products:
+                        spread = [min(times[name]), max(times[name])]
+                        row[name] = {"ms": statistics.median(times[name]), "range_ms": spread}
+                    rows_out.append(row)
+                    print(json.dumps(row), flush=True)
+
+    meta = run_meta(
+        "python benchmarks/quantized_row_products.py "
+        + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+        load_before,
+    )
+    write_json(args.out, meta, rows_out)
+    names = list(variants("int8"))
+    lines = [
+        "# Quantized products of bf16 rows on the CPU, E2B MLP shapes, ms per product (weights read from memory)",
+        "",
+        f"`{meta['command']}`; {meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}, load average "
+        f"{meta['load_average_before']} before, {meta['load_average_after']} after; medians of {args.rounds} "
+        "interleaved rounds (range). int4: groups of 64. The dequantized matmul is the prefill path without the "
+        "kernels.",
+        "",
+        "| format | shape | rows | " + " | ".join(names) + " | fastest |",
+        "|---|---|---|" + "---|" * (len(names) + 1),
+    ]
+    for r in rows_out:
+        cells = [f"{r[n]['ms']:.2f} ({r[n]['range_ms'][0]:.2f}-{r[n]['range_ms'][1]:.2f})" for n in names]
+        fastest = min(names, key=lambda n: r[n]["ms"])
+        lines.append(f"| {r['format']} | {r['shape']} | {r['rows']} | " + " | ".join(cells) + f" | {fastest} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
