@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from run_meta import run_meta, write_json
+from run_meta import command_line, run_meta, write_json
 
 from gemma3n.text_model.attention import single_query_attention
 
@@ -93,8 +93,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
 
     meta = run_meta(
-        "python benchmarks/decode_attention.py "
-        + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+        command_line("benchmarks/decode_attention.py", args),
         load_before,
     )
     write_json(args.out, meta, rows)

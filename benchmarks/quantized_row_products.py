@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from run_meta import run_meta, write_json
+from run_meta import command_line, run_meta, write_json
 
 from gemma3n import quantize
 from gemma3n.quantize import Int4Linear, Int8Linear, int4_prefill_linear, int8_prefill_linear
@@ -97,8 +97,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
 
     meta = run_meta(
-        "python benchmarks/quantized_row_products.py "
-        + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+        command_line("benchmarks/quantized_row_products.py", args),
         load_before,
     )
     write_json(args.out, meta, rows_out)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 from pathlib import Path
 
 import torch
+
+
+def command_line(script: str, args: argparse.Namespace) -> str:
+    """``python <script> --option value ...`` for every parsed option (lists space-separated): the command to record."""
+    options = (f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items())
+    return f"python {script} " + " ".join(options)
 
 
 def run_meta(command: str, load_before: tuple[float, float, float]) -> dict:

@@ -49,9 +49,9 @@ _INT4_ROW_MULTIPLE = 64  # int4 rows are padded to whole 64-row blocks of torch'
 DEQUANTIZE_FROM_ROWS = 32
 _DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24  # weights dequantized at once on that path (32 MB in bf16)
 # Where the VNNI row kernels are ready (gemma3n.row_kernels), bf16 prefill products keep them below these row counts:
-# they beat dequantizing the weight for a float matmul there. E2B's [8192, 2048] and [2048, 8192] on an AMD EPYC,
-# 2 threads, ms per product, kernel against dequantized: int8 at 64 rows 4.5-4.9 / 4.8-4.9, at 128 rows 9.7-10.9 /
-# 6.9-7.7; int4 at 128 rows 7.3-7.7 / 12.2-13.2, at 256 rows 14.5-14.9 / 16.4-17.6, at 512 rows 28.7-31.4 / 27.0.
+# they beat dequantizing the weight for a float matmul there. benchmarks/quantized_row_products.py, E2B's [8192, 2048]
+# and [2048, 8192] on an AMD EPYC, 2 threads, ms per product, kernel against dequantized: int8 at 64 rows 3.7-4.2 /
+# 5.0-5.1, at 128 rows 7.8-11.8 / 7.2-8.2; int4 at 384 rows 20.6-22.1 / 21.7-22.6, at 512 rows 27.9-35.2 / 26.3-27.1.
 ROW_KERNEL_PREFILL_ROWS = {"int8": 64, "int4": 384}
 
 

@@ -16,7 +16,8 @@ bandwidth for one row.
 
 int4 weights (:class:`gemma3n.quantize.Int4Linear`, torch's CPU packing read as it is) go through a byte permutation
 (AVX512-VBMI) into lanes of output rows and VPDPWSSD against the same 16-bit rows: exact integer sums per group, then
-the group's scale and zero in float32. On E2B shapes it ran 1.6-1.9x torch's int4 kernel at 1 to 31 rows.
+the group's scale and zero in float32. On E2B shapes it ran 1.3-1.8x torch's int4 kernel from 8 to 31 rows
+(``benchmarks/quantized_row_products.py``).
 
 It is compiled once per machine with torch's extension builder (a C++ compiler and ninja; a few seconds, cached in
 torch's extension directory) on the first product that can use it, and used only where the CPU has AVX512-BF16 and
@@ -37,8 +38,9 @@ import torch
 ROW_KERNEL_ENV = "GEMMA3N_ROW_KERNEL"
 MAX_ROWS = 4  # the bf16 kernel's row counts: 1 to 4
 # The int8 and int4 kernels take any number of rows (in groups of 4 over each cached span of the weight); the layers
-# give them fewer than gemma3n.quantize.DEQUANTIZE_FROM_ROWS (32). Measured on E2B shapes (AMD EPYC, 2 threads):
-# 1.6-1.9x torch's int4 kernel and 1.1-2.5x its int8 kernel at 1 to 31 rows.
+# give them fewer than gemma3n.quantize.DEQUANTIZE_FROM_ROWS (32). benchmarks/quantized_row_products.py on E2B's MLP
+# shapes (AMD EPYC, 2 threads, weights read from memory): from 8 to 31 rows 1.3-1.8x torch's int4 kernel and 1.1-1.8x
+# its int8 kernel; at 1 and 4 rows as fast or faster.
 MAX_QUANTIZED_ROWS = 31
 SOURCE = Path(__file__).parent / "csrc" / "few_row_products.cpp"
 _EXTENSION = "gemma3n_cpu_row_kernel"
@@ -149,20 +151,25 @@ def row_kernel_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def uses_int8_row_kernel(rows: torch.Tensor, qweight: torch.Tensor, max_rows: int = MAX_QUANTIZED_ROWS) -> bool:
-    """Whether ``rows`` [m, in] (bf16, m <= ``max_rows``) times an int8 CPU weight [out, in] goes through
-    :func:`int8_row_kernel_product`, with the kernel ready. float32 rows keep torch's kernel: their 24-bit values
-    would lose precision in the 16-bit rounding, where bf16 rows (8 bits) do not."""
+def _quantized_rows_qualify(rows: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """What the int8 and int4 kernels share: 1 to ``max_rows`` bf16 rows [m, in] and a contiguous CPU weight, with
+    the kernel ready."""
     return (
         rows.device.type == "cpu"
-        and qweight.device.type == "cpu"
+        and weight.device.type == "cpu"
         and rows.dtype == torch.bfloat16
-        and qweight.dtype == torch.int8
-        and qweight.is_contiguous()
+        and weight.is_contiguous()
         and rows.dim() == 2
         and 0 < rows.shape[0] <= max_rows
         and row_kernel_ready()
     )
+
+
+def uses_int8_row_kernel(rows: torch.Tensor, qweight: torch.Tensor, max_rows: int = MAX_QUANTIZED_ROWS) -> bool:
+    """Whether ``rows`` [m, in] (bf16, m <= ``max_rows``) times an int8 CPU weight [out, in] goes through
+    :func:`int8_row_kernel_product`, with the kernel ready. float32 rows keep torch's kernel: their 24-bit values
+    would lose precision in the 16-bit rounding, where bf16 rows (8 bits) do not."""
+    return qweight.dtype == torch.int8 and _quantized_rows_qualify(rows, qweight, max_rows)
 
 
 def int8_row_kernel_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -182,17 +189,11 @@ def uses_int4_row_kernel(
     :func:`int4_row_kernel_product`: bf16 scales and zeros, groups of an even size up to 256, the kernel ready and the
     CPU with AVX512-VBMI. float32 rows keep torch's kernel (as for int8)."""
     return (
-        rows.device.type == "cpu"
-        and packed.device.type == "cpu"
-        and rows.dtype == torch.bfloat16
-        and scales_and_zeros.dtype == torch.bfloat16
-        and packed.is_contiguous()
+        scales_and_zeros.dtype == torch.bfloat16
         and scales_and_zeros.is_contiguous()
-        and rows.dim() == 2
-        and 0 < rows.shape[0] <= max_rows
         and group % 2 == 0
         and 2 <= group <= 256
-        and row_kernel_ready()
+        and _quantized_rows_qualify(rows, packed, max_rows)
         and _int4_loaded
     )
 

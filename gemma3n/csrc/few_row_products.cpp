@@ -247,13 +247,19 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
     const FixedRows& x, const uint8_t* packed, const uint32_t* scales_and_zeros, c10::BFloat16* y, int64_t n_out,
     int64_t n64, int64_t k, int64_t group, int64_t b0, int64_t b1, int64_t r0) {
   // byte 4l of a dword lane l takes byte l of input k (the first 32 bytes), byte 4l + 2 byte l of input k + 1: rows
-  // 0-15 (idx_first) and 16-31 (idx_second); bytes 4l + 1 and 4l + 3 are zeroed by the mask
-  alignas(64) uint8_t first[64] = {}, second[64] = {};
-  for (int l = 0; l < 16; ++l) {
-    first[4 * l] = l, first[4 * l + 2] = 32 + l;
-    second[4 * l] = 16 + l, second[4 * l + 2] = 48 + l;
-  }
-  const __m512i idx_first = _mm512_load_si512(first), idx_second = _mm512_load_si512(second);
+  // 0-15 (first) and 16-31 (second); bytes 4l + 1 and 4l + 3 are zeroed by the mask. Built once per process.
+  struct Permutations {
+    alignas(64) uint8_t first[64] = {}, second[64] = {};
+    Permutations() {
+      for (int l = 0; l < 16; ++l) {
+        first[4 * l] = l, first[4 * l + 2] = 32 + l;
+        second[4 * l] = 16 + l, second[4 * l + 2] = 48 + l;
+      }
+    }
+  };
+  static const Permutations permutations;
+  const __m512i idx_first = _mm512_load_si512(permutations.first);
+  const __m512i idx_second = _mm512_load_si512(permutations.second);
   const __mmask64 even_bytes = 0x5555555555555555ULL;
   const __m512i nibble = _mm512_set1_epi32(0x000F000F);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
