@@ -31,6 +31,11 @@ from pathlib import Path
 
 import torch
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from quality_helpers import teacher_forced_decode  # noqa: E402
+
 CHUNK_ROWS = 16384
 
 
@@ -62,25 +67,6 @@ class Float32Head(torch.nn.Module):
         rows = hidden.reshape(-1, hidden.shape[-1]).float()
         blocks = [rows @ self.table[i : i + CHUNK_ROWS].float().T for i in range(0, self.table.shape[0], CHUNK_ROWS)]
         return torch.cat(blocks, dim=1).view(*hidden.shape[:-1], -1)
-
-
-def teacher_forced_decode(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """Logits [B, keep, V] (float32) of the last ``keep`` positions: a prefill up to the first of them, then one
-    eager decode step per position on the prompt's own tokens."""
-    from gemma3n.generation import cache_length_for, decode_step, prefill
-    from gemma3n.text_model import KVCache
-
-    batch, length = ids.shape
-    first = length - keep  # the prefill ends at the first kept position
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask.bool(), 0)
-    slots = cache_length_for(model, first + 1, keep, False)
-    cache = KVCache(model.config.text, batch, slots, dtype=model.dtype, device="cpu")
-    logits = [prefill(model, ids[:, : first + 1], mask[:, : first + 1], positions[:, : first + 1], cache)]
-    for slot in range(first + 1, length):
-        cache.prepare_decode(slot)
-        step = decode_step(model, ids[:, slot : slot + 1], positions[:, slot : slot + 1], cache, torch.tensor(slot))
-        logits.append(step)
-    return torch.stack(logits, dim=1)
 
 
 def child(args: argparse.Namespace) -> None:
