@@ -15,9 +15,11 @@ the end. torch's int8 kernel read E2B-sized weights at 21 GB/s for one row and 1
 bandwidth for one row.
 
 int4 weights (:class:`gemma3n.quantize.Int4Linear`, torch's CPU packing read as it is) go through a byte permutation
-(AVX512-VBMI) into lanes of output rows and VPDPWSSD against the same 16-bit rows: exact integer sums per group, then
-the group's scale and zero in float32. On E2B shapes it ran 1.3-1.8x torch's int4 kernel from 8 to 31 rows
-(``benchmarks/quantized_row_products.py``).
+(AVX512-VBMI) into lanes of output rows and VPDPBUSD against x rounded to 8 bits per group of the weight's inputs (an
+error of at most 2^-8 of the group's largest |x|, small beside the int4 weight's own): exact integer sums per group,
+then the group's scales and zero in float32. With 16-bit x (VPDPWSSD, until this change) a 4-row product was bound by
+its dot-product instructions, not the memory; 8-bit x halves them. On E2B shapes the 16-bit kernel ran 1.3-1.8x
+torch's int4 kernel from 8 to 31 rows (``benchmarks/quantized_row_products.py``).
 
 It is compiled once per machine with torch's extension builder (a C++ compiler and ninja; a few seconds, cached in
 torch's extension directory) on the first product that can use it, and used only where the CPU has AVX512-BF16 and
@@ -186,13 +188,13 @@ def uses_int4_row_kernel(
     max_rows: int = MAX_QUANTIZED_ROWS,
 ) -> bool:
     """Whether ``rows`` [m, in] (bf16, m <= ``max_rows``) times an int4 weight in torch's CPU packing goes through
-    :func:`int4_row_kernel_product`: bf16 scales and zeros, groups of an even size up to 256, the kernel ready and the
-    CPU with AVX512-VBMI. float32 rows keep torch's kernel (as for int8)."""
+    :func:`int4_row_kernel_product`: bf16 scales and zeros, groups of a multiple of 4 up to 256, the kernel ready and
+    the CPU with AVX512-VBMI. float32 rows keep torch's kernel (as for int8)."""
     return (
         scales_and_zeros.dtype == torch.bfloat16
         and scales_and_zeros.is_contiguous()
-        and group % 2 == 0
-        and 2 <= group <= 256
+        and group % 4 == 0
+        and 4 <= group <= 256
         and _quantized_rows_qualify(rows, packed, max_rows)
         and _int4_loaded
     )
@@ -203,5 +205,5 @@ def int4_row_kernel_product(
 ) -> torch.Tensor:
     """``rows @ W^T`` [m, out_features] bf16 for the int4 weight ``W = (q - 8) * scale + zero`` in torch's CPU packing
     (``packed`` [ceil64(out), in / 2] uint8, ``scales_and_zeros`` [in / group, ceil64(out), 2] bf16), through the
-    kernel: rows [m, in] bf16 (any m), each rounded to 16-bit fixed point (as for int8); exact integer group sums."""
+    kernel: rows [m, in] bf16 (any m), rounded to 8 bits per group of inputs; exact integer group sums."""
     return torch.ops.gemma3n_cpu.int4_few_row_product(rows.contiguous(), packed, scales_and_zeros, group, out_features)

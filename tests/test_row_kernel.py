@@ -281,23 +281,30 @@ needs_int4_kernel = pytest.mark.skipif(
 )
 
 
-def within_int4_bound(got: torch.Tensor, x: torch.Tensor, layer: quantize.Int4Linear) -> bool:
-    """``got`` = x @ W.T for the int4 layer's weight W = (q - 8) * scale + zero (exact, float64) within the kernel's
-    roundings: each x row to 16-bit fixed point (at most its largest |value| / 65534 per value, times sum |w|); per
-    group, float32 for the exact integer sum, the offset z - 8 s and two fused multiply-adds, then a float32 running
-    total over the groups (together at most (groups + 4) * 2^-24 of the sum of |s q x| + |z - 8 s| |x| over the terms);
-    the output to bf16 (2^-8 relative)."""
+def int4_error_bound(x: torch.Tensor, layer: quantize.Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact, bound) [m, out], float64: x @ W.T for the int4 layer's weight W = (q - 8) * scale + zero, and how far
+    the kernel's result may be from it through its roundings: x to 8 bits per group of inputs (at most the group's
+    largest |value| / 254 per value, times the group's sum |w|; 1% more for the float32 scale and its inverse); per
+    group, float32 for the exact integer sums, the offset z - 8 s, the two multiply-adds and the scaling by x's group
+    scale, then a float32 running total over the groups (together at most (groups + 5) * 2^-24 of the sum of
+    |s q x| + |z - 8 s| |x| over the terms); the output to bf16 (2^-8 relative)."""
     weight = layer.dequantized(torch.float64)[: layer.out_features]  # [out, in]
     exact = x.double() @ weight.T
-    largest = x.double().abs().amax(-1, keepdim=True)
-    fixed_point = largest / 65534 * weight.abs().sum(1)  # [m, out]
-    groups = layer.in_features // layer.group_size
+    group = layer.group_size
+    groups = layer.in_features // group
+    x_groups = x.double().abs().view(len(x), groups, group)
+    step = (x_groups.amax(-1, keepdim=True) / 254).expand_as(x_groups).reshape(len(x), -1) * 1.01  # [m, in]
+    fixed_point = step @ weight.abs().T  # [m, out]
     scale, zero = layer.scales_and_zeros[:, : layer.out_features].double().unbind(-1)  # [groups, out]
-    q_part = (weight - (zero - 8 * scale).repeat_interleave(layer.group_size, 0).T).abs()  # s * q, [out, in]
-    offset = (zero - 8 * scale).abs().repeat_interleave(layer.group_size, 0).T  # |z - 8 s|, [out, in]
-    terms = (x.double().abs() + largest / 65534) @ (q_part + offset).T  # [m, out]
-    float32 = (groups + 4) * 2**-24 * terms * 1.01
-    bound = 2**-8 * (exact.abs() + fixed_point + float32) + fixed_point + float32 + 1e-30
+    q_part = (weight - (zero - 8 * scale).repeat_interleave(group, 0).T).abs()  # s * q, [out, in]
+    offset = (zero - 8 * scale).abs().repeat_interleave(group, 0).T  # |z - 8 s|, [out, in]
+    terms = (x.double().abs() + step) @ (q_part + offset).T  # [m, out]
+    float32 = (groups + 5) * 2**-24 * terms * 1.01
+    return exact, 2**-8 * (exact.abs() + fixed_point + float32) + fixed_point + float32 + 1e-30
+
+
+def within_int4_bound(got: torch.Tensor, x: torch.Tensor, layer: quantize.Int4Linear) -> bool:
+    exact, bound = int4_error_bound(x, layer)
     return bool(((got.double() - exact).abs() <= bound).all())
 
 
@@ -322,10 +329,11 @@ def test_int4_products_stay_within_their_roundings(rows, inputs, group):
     got = row_kernels.int4_row_kernel_product(x, layer.packed, layer.scales_and_zeros, group, layer.out_features)
     assert got.shape == (rows, 700) and got.dtype == torch.bfloat16  # the 4 zero rows padding 700 to 704 are cut off
     assert within_int4_bound(got, x, layer)
-    # torch's kernel on the same weight: both are the same product up to their roundings
+    # torch's kernel on the same weight (float x, a bf16 output): the same product up to both kernels' roundings
     reference = quantized_kernels.torch_int4_product(x, layer.packed, layer.scales_and_zeros, group, 700)
-    rel = ((got.double() - reference.double()).norm() / reference.double().norm()).item()
-    assert rel < 2e-2, rel
+    exact, bound = int4_error_bound(x, layer)
+    rel = ((got.double() - reference.double()).norm() / exact.norm()).item()
+    assert rel <= (bound.norm() / exact.norm()).item() + 2**-8 * 1.01, rel
 
 
 @needs_int4_kernel
@@ -361,7 +369,9 @@ def test_int4_layers_use_it_eager_and_compiled():
 @needs_int4_kernel
 def test_an_int4_model_decodes_the_same_through_the_kernel(tiny_lm, monkeypatch):
     """As for int8 (a left-padded batch of 2, sliding-window layers): through the int4 kernel, no further from the
-    float32-activation int4 model than through torch's int4 kernel (1.5x plus 1e-3)."""
+    float32-activation int4 model than through torch's int4 kernel (1.5x plus 1e-3). Ours rounds x to 8 bits per
+    group (2^-8 of the group's largest |x|) where torch's keeps bf16's 8 bits per value, so its error is of the same
+    size, a little larger on this random model, which amplifies every perturbation (measured 0.165 against 0.157)."""
     torch_error, our_error, calls = _quantized_decode_errors(tiny_lm, "int4", "int4_row_kernel_product", monkeypatch)
     assert 2 in calls and 18 in calls
     assert our_error <= 1.5 * torch_error + 1e-3, (our_error, torch_error)

@@ -7,8 +7,9 @@
 // contiguous range of the weight, which the hardware prefetchers follow at the memory's read bandwidth. Each 32
 // values of a weight row meet the same 32 values of every x row in one VDPBF16PS (bf16 pairs multiplied and summed
 // into float32 lanes); two accumulators per x row hide its latency. One rounding to bf16 at the end, per output.
-// int8 and int4 weights meet x rows rounded to 16-bit fixed point in VPDPWSSD (int16 pairs summed into int32 lanes);
-// see int8_rows and int4_blocks.
+// int8 weights meet x rows rounded to 16-bit fixed point in VPDPWSSD (int16 pairs summed into int32 lanes), int4
+// weights meet x rounded to 8 bits per group of inputs in VPDPBUSD (byte quads summed into int32 lanes); see int8_rows
+// and int4_blocks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -78,49 +79,69 @@ at::Tensor bf16_few_row_product(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// ---- x rows in 16-bit fixed point (int8 and int4 weights) ---------------------------------------------------------
-// Each x row is rounded to 16-bit fixed point with its own scale: q = round(x / s), s = max|x| / 32767, so the rounding
-// error is at most s / 2 per value (about 2^-16 of the row's largest value; bf16 itself keeps 8 bits). The products
-// with integer weights are then exact integer sums, scaled and rounded once at the end.
+// ---- x rows in fixed point ----------------------------------------------------------------------------------------
+// x is rounded to integers q = round(x / s) with s = max|x| / limit over a row (int8 weights: limit 32767, 16 bits)
+// or over one group of inputs (int4 weights: limit 127, 8 bits), so the rounding error is at most s / 2 per value.
+// The products with integer weights are then exact integer sums, scaled and rounded at the end.
 
-// The scale of one x row, s = max|x| / 32767 (0 for a row of zeros; NaN when the row holds an inf or a nan, whose
+// The scale of values [0, k) of a row, s = max|x| / limit (0 for zeros; NaN when they hold an inf or a nan, whose
 // products are not finite either), and 1 / s for the rounding (0 where s is 0).
-double fixed_point_scale(const float* row, int64_t k, float* inverse) {
+double fixed_point_scale(const float* row, int64_t k, float limit, float* inverse) {
   float largest = 0.0f;
   bool finite = true;
   for (int64_t c = 0; c < k; ++c) {
     finite = finite && std::isfinite(row[c]);
     largest = std::max(largest, std::abs(row[c]));
   }
-  *inverse = finite && largest > 0.0f ? 32767.0f / largest : 0.0f;
+  *inverse = finite && largest > 0.0f ? limit / largest : 0.0f;
   if (!finite) return std::numeric_limits<double>::quiet_NaN();
-  return largest > 0.0f ? static_cast<double>(largest) / 32767.0 : 0.0;
+  return largest > 0.0f ? static_cast<double>(largest) / limit : 0.0;
 }
 
-struct FixedRows {  // x rounded to int16 per row: q [m, k], scale [m], and the sum of q over each group [m, groups]
+struct FixedRows {  // x rounded to int16 per row: q [m, k], scale [m]
   std::vector<int16_t> q;
-  std::vector<float> group_sum;  // exact integers (|sum| <= 256 * 32767 < 2^24)
   std::vector<double> scale;
 };
 
-FixedRows fixed_rows(const at::Tensor& x, int64_t group) {  // group 0: no group sums
-  const int64_t m = x.size(0), k = x.size(1), groups = group > 0 ? k / group : 0;
+FixedRows fixed_rows(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
-  FixedRows out{std::vector<int16_t>(m * k, 0), std::vector<float>(m * groups, 0.0f), std::vector<double>(m)};
+  FixedRows out{std::vector<int16_t>(m * k, 0), std::vector<double>(m)};
   for (int64_t i = 0; i < m; ++i) {
     const float* row = xp + i * k;
     float inverse;
-    out.scale[i] = fixed_point_scale(row, k, &inverse);
+    out.scale[i] = fixed_point_scale(row, k, 32767.0f, &inverse);
     if (std::isnan(out.scale[i])) continue;
     int16_t* q = out.q.data() + i * k;
     for (int64_t c = 0; c < k; ++c)
       q[c] = static_cast<int16_t>(std::clamp(static_cast<int32_t>(std::nearbyint(row[c] * inverse)), -32767, 32767));
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t sum = 0;
-      for (int64_t c = g * group; c < (g + 1) * group; ++c) sum += q[c];
-      out.group_sum[i * groups + g] = static_cast<float>(sum);
+  }
+  return out;
+}
+
+struct ByteGroups {  // x rounded to int8 per group of inputs: q [m, k]; scale and sum of q [m, groups]
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<float> sum;  // exact integers (|sum| <= 256 * 127 < 2^24)
+};
+
+ByteGroups byte_groups(const at::Tensor& x, int64_t group) {
+  const int64_t m = x.size(0), k = x.size(1), groups = k / group;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.const_data_ptr<float>();
+  ByteGroups out{std::vector<int8_t>(m * k, 0), std::vector<float>(m * groups), std::vector<float>(m * groups, 0.0f)};
+  for (int64_t i = 0; i < m * groups; ++i) {  // i = row * groups + group
+    const float* values = xp + i * group;
+    float inverse;
+    out.scale[i] = static_cast<float>(fixed_point_scale(values, group, 127.0f, &inverse));
+    int8_t* q = out.q.data() + i * group;
+    int32_t sum = 0;
+    for (int64_t c = 0; c < group; ++c) {
+      q[c] = static_cast<int8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(values[c] * inverse)), -127, 127));
+      sum += q[c];
     }
+    out.sum[i] = static_cast<float>(sum);
   }
   return out;
 }
@@ -213,7 +234,7 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
   TORCH_CHECK(scales.numel() == w.size(0), "int8_few_row_product: one scale per output row");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   TORCH_CHECK(m >= 1, "int8_few_row_product: no rows");
-  const FixedRows split = fixed_rows(x, 0);
+  const FixedRows split = fixed_rows(x);
   const at::Tensor w_scale = scales.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, x.options());
   const auto* wp = w.const_data_ptr<int8_t>();
@@ -229,39 +250,42 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
 // The weight comes as ``torch._convert_weight_to_int4pack_for_cpu`` lays it out: output rows in blocks of 64, and in
 // a block, for each input k, 32 bytes: byte j holds row j's value (low nibble) and row j + 32's (high nibble), values
 // q in [0, 15]. Each group of ``group`` inputs of a row has a bf16 scale s and zero z, [groups, rows, (s, z)]:
-// w = (q - 8) * s + z. So for one group, sum_k w_k x_k = s * sum_k q_k x_k + (z - 8 s) * sum_k x_k.
+// w = (q - 8) * s + z. x is rounded to 8 bits per group, x = t * p (scale t, integers p). So for one group,
+// sum_k w_k x_k = t * (s * sum_k q_k p_k + (z - 8 s) * sum_k p_k).
 //
-// Here the lanes are output rows. Inputs k and k + 1 of a block are 64 contiguous bytes; one byte permutation
-// (VPERMB, AVX512-VBMI) turns them into 16 dword lanes (byte of k, 0, byte of k + 1, 0) for 16 rows, and masking and
-// shifting give the int16 pairs (q[row, k], q[row, k + 1]) of the low and the high nibble's rows. VPDPWSSD multiplies
-// each pair by the pair (x[k], x[k + 1]) of the 16-bit x rows (above) and sums into int32 lanes. A group's sums are
-// exact in int32 (|sum| <= 256 * 15 * 32767 < 2^31 for groups of up to 256 inputs; longer groups are refused) and go
-// to float32 (one rounding) per group, scaled, into per-row float32 totals.
+// Here the lanes are output rows. Inputs k to k + 3 of a block are 128 contiguous bytes; one two-source byte
+// permutation (VPERMT2B, AVX512-VBMI) gathers, for 16 rows, each row's byte of the four inputs into one dword lane,
+// and masking and shifting give the unsigned bytes (q[row, k], ..., q[row, k + 3]) of the low and the high nibble's
+// rows. VPDPBUSD multiplies them with the signed bytes (p[k], ..., p[k + 3]) of an x row and sums into int32 lanes: 64
+// products per instruction, twice VPDPWSSD's 32, which is what bounds a 4-row product (16 instructions per 64 weight
+// bytes with 16-bit x, the read bandwidth's pace only with 8-bit x). A group's sums are exact in int32 (|sum| <= 256 *
+// 15 * 127 < 2^31 for groups of up to 256 inputs; longer groups are refused) and go to float32 (one rounding) per
+// group, scaled, into per-row float32 totals. Rounding x to 8 bits per group adds at most t / 2 per value, 2^-8 of the
+// group's largest |x|: against the int4 weight's own error (up to s / 2 per weight, 2^-5 of a group's range) it adds
+// about 1% to a trained model's logit error (benchmarks/results/quant_quality_trained.md).
+
 constexpr int64_t kBlockRows = 64;  // rows per block of torch's packing
-constexpr int64_t kMaxGroup = 256;  // the sums of x over a group stay exact in float32
+constexpr int64_t kMaxGroup = 256;  // a group's int32 sums and its sum of x stay exact
 
 // Blocks [b0, b1) of 64 output rows of x rows [r0, r0 + M): y [m, n_out] from x [m, k], packed [n64 / 64, k, 32] and
 // scales_and_zeros [groups, n64] dwords (bf16 scale in the low half, bf16 zero in the high half).
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
-    const FixedRows& x, const uint8_t* packed, const uint32_t* scales_and_zeros, c10::BFloat16* y, int64_t n_out,
+    const ByteGroups& x, const uint8_t* packed, const uint32_t* scales_and_zeros, c10::BFloat16* y, int64_t n_out,
     int64_t n64, int64_t k, int64_t group, int64_t b0, int64_t b1, int64_t r0) {
-  // byte 4l of a dword lane l takes byte l of input k (the first 32 bytes), byte 4l + 2 byte l of input k + 1: rows
-  // 0-15 (first) and 16-31 (second); bytes 4l + 1 and 4l + 3 are zeroed by the mask. Built once per process.
+  // Over the 128 bytes of inputs k to k + 3 (32 each), dword lane l takes byte l (first: rows l and l + 32) or byte
+  // 16 + l (second: rows 16 + l and 48 + l) of each of the four inputs. Built once per process.
   struct Permutations {
     alignas(64) uint8_t first[64] = {}, second[64] = {};
     Permutations() {
-      for (int l = 0; l < 16; ++l) {
-        first[4 * l] = l, first[4 * l + 2] = 32 + l;
-        second[4 * l] = 16 + l, second[4 * l + 2] = 48 + l;
-      }
+      for (int l = 0; l < 16; ++l)
+        for (int input = 0; input < 4; ++input) first[4 * l + input] = 32 * input + l, second[4 * l + input] = 32 * input + 16 + l;
     }
   };
   static const Permutations permutations;
   const __m512i idx_first = _mm512_load_si512(permutations.first);
   const __m512i idx_second = _mm512_load_si512(permutations.second);
-  const __mmask64 even_bytes = 0x5555555555555555ULL;
-  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m512 eight = _mm512_set1_ps(8.0f);
   const int64_t groups = k / group;
@@ -277,18 +301,19 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
       __m512i sum[M][4];  // [x row][rows 0-15, 16-31, 32-47, 48-63]
       for (int m = 0; m < M; ++m)
         for (int i = 0; i < 4; ++i) sum[m][i] = _mm512_setzero_si512();
-      for (int64_t c = g * group; c < (g + 1) * group; c += 2) {
-        const __m512i bytes = _mm512_loadu_si512(wb + c * 32);  // inputs c and c + 1, 32 bytes each
-        const __m512i lo = _mm512_maskz_permutexvar_epi8(even_bytes, idx_first, bytes);
-        const __m512i hi = _mm512_maskz_permutexvar_epi8(even_bytes, idx_second, bytes);
+      for (int64_t c = g * group; c < (g + 1) * group; c += 4) {
+        const __m512i inputs01 = _mm512_loadu_si512(wb + c * 32);  // inputs c and c + 1, 32 bytes each
+        const __m512i inputs23 = _mm512_loadu_si512(wb + c * 32 + 64);
+        const __m512i lo = _mm512_permutex2var_epi8(inputs01, idx_first, inputs23);
+        const __m512i hi = _mm512_permutex2var_epi8(inputs01, idx_second, inputs23);
         const __m512i w[4] = {_mm512_and_si512(lo, nibble), _mm512_and_si512(hi, nibble),
                               _mm512_and_si512(_mm512_srli_epi16(lo, 4), nibble),
                               _mm512_and_si512(_mm512_srli_epi16(hi, 4), nibble)};
         for (int m = 0; m < M; ++m) {
-          int32_t pair;
-          std::memcpy(&pair, x.q.data() + (r0 + m) * k + c, sizeof(pair));  // (x[c], x[c + 1])
-          const __m512i xb = _mm512_set1_epi32(pair);
-          for (int i = 0; i < 4; ++i) sum[m][i] = _mm512_dpwssd_epi32(sum[m][i], w[i], xb);
+          int32_t quad;
+          std::memcpy(&quad, x.q.data() + (r0 + m) * k + c, sizeof(quad));  // (p[c], ..., p[c + 3])
+          const __m512i xb = _mm512_set1_epi32(quad);
+          for (int i = 0; i < 4; ++i) sum[m][i] = _mm512_dpbusd_epi32(sum[m][i], w[i], xb);
         }
       }
       for (int i = 0; i < 4; ++i) {
@@ -297,17 +322,17 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void int4_blocks(
         const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(both, high_half));
         const __m512 offset = _mm512_fnmadd_ps(eight, scale, zero);  // z - 8 s
         for (int m = 0; m < M; ++m) {
-          __m512 t = _mm512_load_ps(total[m] + 16 * i);
-          t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][i]), scale, t);
-          t = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.group_sum[(r0 + m) * groups + g]), t);
+          const int64_t xg = (r0 + m) * groups + g;
+          const __m512 inner = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][i]), scale,
+                                               _mm512_mul_ps(offset, _mm512_set1_ps(x.sum[xg])));
+          const __m512 t = _mm512_fmadd_ps(inner, _mm512_set1_ps(x.scale[xg]), _mm512_load_ps(total[m] + 16 * i));
           _mm512_store_ps(total[m] + 16 * i, t);
         }
       }
     }
     const int64_t rows = std::min(kBlockRows, n_out - block * kBlockRows);
     for (int m = 0; m < M; ++m)
-      for (int64_t r = 0; r < rows; ++r)
-        y[(r0 + m) * n_out + block * kBlockRows + r] = c10::BFloat16(static_cast<float>(total[m][r] * x.scale[r0 + m]));
+      for (int64_t r = 0; r < rows; ++r) y[(r0 + m) * n_out + block * kBlockRows + r] = c10::BFloat16(total[m][r]);
   }
 }
 
@@ -316,8 +341,8 @@ at::Tensor int4_few_row_product(const at::Tensor& x, const at::Tensor& packed, c
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_cpu(), "int4_few_row_product: bf16 x [m, k]");
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(m >= 1, "int4_few_row_product: no rows");
-  TORCH_CHECK(group >= 2 && group <= kMaxGroup && group % 2 == 0 && k % group == 0,
-              "int4_few_row_product: an even group of at most 256 inputs that divides k");
+  TORCH_CHECK(group >= 4 && group <= kMaxGroup && group % 4 == 0 && k % group == 0,
+              "int4_few_row_product: a group of at most 256 inputs, a multiple of 4, that divides k");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.is_cpu() &&
                   packed.size(0) % kBlockRows == 0 && packed.size(1) * 2 == k,
               "int4_few_row_product: packed [64 * blocks, k / 2] uint8 in torch's CPU int4 packing");
@@ -327,7 +352,7 @@ at::Tensor int4_few_row_product(const at::Tensor& x, const at::Tensor& packed, c
                   scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == k / group &&
                   scales_and_zeros.size(1) == n64 && scales_and_zeros.size(2) == 2,
               "int4_few_row_product: bf16 scales_and_zeros [k / group, rows, 2]");
-  const FixedRows rows = fixed_rows(x, group);
+  const ByteGroups rows = byte_groups(x, group);
   at::Tensor y = at::empty({m, n_out}, x.options());
   const auto* wp = packed.const_data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros.const_data_ptr());
