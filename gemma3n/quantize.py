@@ -51,8 +51,10 @@ _DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24  # weights dequantized at once on that path
 # Where the VNNI row kernels are ready (gemma3n.row_kernels), bf16 prefill products keep them below these row counts:
 # they beat dequantizing the weight for a float matmul there. benchmarks/quantized_row_products.py, E2B's [8192, 2048]
 # and [2048, 8192] on an AMD EPYC, 2 threads, ms per product, kernel against dequantized: int8 at 64 rows 3.7-4.2 /
-# 5.0-5.1, at 128 rows 7.8-11.8 / 7.2-8.2; int4 at 384 rows 20.6-22.1 / 21.7-22.6, at 512 rows 27.9-35.2 / 26.3-27.1.
-ROW_KERNEL_PREFILL_ROWS = {"int8": 64, "int4": 384}
+# 5.0-5.1, at 128 rows 7.8-11.8 / 7.2-8.2; int4 (8-bit x, VPDPBUSD: results/quantized_row_products_int4_vpdpbusd.md)
+# at 1024 rows 33.6 / 49.0 and 40.5 / 47.4, at 2048 rows 66.1 / 92.9 and 83.9 / 87.3, at 4096 rows 137 / 188 and
+# 232 / 177 (every 4 x rows read the weight block from the cache, and every block reads all of x).
+ROW_KERNEL_PREFILL_ROWS = {"int8": 64, "int4": 2048}
 
 
 def _chunk_rows(cols: int) -> int:
