@@ -41,8 +41,8 @@ ROW_KERNEL_ENV = "GEMMA3N_ROW_KERNEL"
 MAX_ROWS = 4  # the bf16 kernel's row counts: 1 to 4
 # The int8 and int4 kernels take any number of rows (in groups of 4 over each cached span of the weight); the layers
 # give them fewer than gemma3n.quantize.DEQUANTIZE_FROM_ROWS (32). benchmarks/quantized_row_products.py on E2B's MLP
-# shapes (AMD EPYC, 2 threads, weights read from memory): from 8 to 31 rows 1.3-1.8x torch's int4 kernel and 1.1-1.8x
-# its int8 kernel; at 1 and 4 rows as fast or faster.
+# shapes (AMD EPYC, 2 threads, weights read from memory): from 8 to 31 rows 1.9-2.8x torch's int4 kernel (8-bit
+# inputs) and 1.1-1.8x its int8 kernel; at 1 and 4 rows as fast or faster.
 MAX_QUANTIZED_ROWS = 31
 SOURCE = Path(__file__).parent / "csrc" / "few_row_products.cpp"
 _EXTENSION = "gemma3n_cpu_row_kernel"
