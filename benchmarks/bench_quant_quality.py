@@ -34,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from quality_helpers import teacher_forced_decode  # noqa: E402
+from quality_helpers import logit_agreement, teacher_forced_decode  # noqa: E402
 
 CHUNK_ROWS = 16384
 
@@ -119,18 +119,6 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(record))
 
 
-def compare(got: torch.Tensor, want: torch.Tensor) -> dict:
-    got, want = got.reshape(-1, got.shape[-1]).double(), want.reshape(-1, want.shape[-1]).double()
-    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
-    return {
-        "positions": want.shape[0],
-        "relative_error": ((got - want).norm() / want.norm()).item(),
-        "cosine_mean": cos.mean().item(),
-        "cosine_min": cos.min().item(),
-        "top1_agreement": (got.argmax(-1) == want.argmax(-1)).double().mean().item(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=Path("/work/cache/e2b"))
@@ -172,10 +160,10 @@ def main() -> None:
             for config in results:
                 if config != "fp32":
                     got = torch.load(Path(tmp) / f"{config}.pt")
-                    results[config]["vs_fp32"] = compare(got[mask], want[mask])
+                    results[config]["vs_fp32"] = logit_agreement(got[mask], want[mask])
                     decoded = Path(tmp) / f"{config}.decode.pt"
                     if decoded.exists():
-                        results[config]["decode_vs_fp32"] = compare(torch.load(decoded)[mask], want[mask])
+                        results[config]["decode_vs_fp32"] = logit_agreement(torch.load(decoded)[mask], want[mask])
     payload = {
         "model": str(args.model),
         "torch": torch.__version__,
@@ -207,7 +195,7 @@ def main() -> None:
     for config, r in results.items():
         q = r.get("vs_fp32")
         quality = (
-            f"{q['relative_error']:.4f} | {q['cosine_mean']:.5f} ({q['cosine_min']:.5f}) | "
+            f"{q['rel_error']:.4f} | {q['cosine_mean']:.5f} ({q['cosine_min']:.5f}) | "
             f"{q['top1_agreement']:.3f} of {q['positions']}"
             if q
             else "reference | | "
@@ -216,7 +204,7 @@ def main() -> None:
         lines.append(f"| {config} | {r['load_s']:.1f} | {quality} | {' / '.join(f'{p:.2f}' for p in peaks)} |")
         if d := r.get("decode_vs_fp32"):
             decode_lines.append(
-                f"| {config} | {d['relative_error']:.4f} | {d['cosine_mean']:.5f} ({d['cosine_min']:.5f}) | "
+                f"| {config} | {d['rel_error']:.4f} | {d['cosine_mean']:.5f} ({d['cosine_min']:.5f}) | "
                 f"{d['top1_agreement']:.3f} of {d['positions']} | {r['decode_s']:.1f} |"
             )
     table = "\n".join(lines + (decode_lines if len(decode_lines) > 5 else []))

@@ -36,32 +36,24 @@ def byte_ids(text: bytes) -> torch.Tensor:
 
 
 def trained_lm_config(hidden: int, **overrides):
-    """A small Gemma3nTextConfig with every decoder feature (sliding and global layers, shared KV cache, AltUp,
-    LAuReL, per-layer inputs, activation sparsity) over the byte vocabulary."""
-    from transformers import Gemma3nTextConfig
+    """A small Gemma3nTextConfig with every decoder feature (the tests' ``text_config``: sliding and global layers,
+    shared KV cache, AltUp, LAuReL, per-layer inputs, activation sparsity) at width ``hidden``, over the byte
+    vocabulary."""
+    from conftest import text_config
 
     settings = dict(
         vocab_size=BYTE_VOCAB + 5,
         vocab_size_per_layer_input=BYTE_VOCAB + 5,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=hidden // 4,
         sliding_window=32,
         layer_types=["sliding_attention", "full_attention"] * 3,
-        num_kv_shared_layers=2,
-        altup_num_inputs=4,
         laurel_rank=16,
         hidden_size_per_layer_input=16,
         activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0],
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
     )
-    settings.update(overrides)
-    return Gemma3nTextConfig(**settings)
+    return text_config(**{**settings, **overrides})
 
 
 def train_reference_lm(
