@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from run_meta import command_line, run_meta, write_json
+from run_meta import command_line, interleaved_rounds, median_and_range, run_meta, write_json
 
 from gemma3n.text_model.attention import single_query_attention
 
@@ -78,17 +77,11 @@ def main() -> None:
                 errors = {
                     name: (fn(*operands).double() - reference).abs().max().item() for name, fn in variants.items()
                 }
-                times: dict[str, list[float]] = {name: [] for name in variants}
-                for _ in range(args.rounds):
-                    for name, fn in variants.items():
-                        times[name].append(seconds_per_call(fn, operands, args.calls))
+                times = interleaved_rounds(variants, lambda fn: seconds_per_call(fn, operands, args.calls), args.rounds)
                 row = {"batch": batch, "keys": keys}
                 for name in variants:
-                    row[name] = {
-                        "us": statistics.median(times[name]) * 1e6,
-                        "range_us": [min(times[name]) * 1e6, max(times[name]) * 1e6],
-                        "max_error_vs_float64": errors[name],
-                    }
+                    median, spread = median_and_range(times[name], 1e6)
+                    row[name] = {"us": median, "range_us": spread, "max_error_vs_float64": errors[name]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 

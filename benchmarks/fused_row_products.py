@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from run_meta import run_meta, write_json
+from run_meta import interleaved_rounds, median_and_range, run_meta, write_json
 
 from gemma3n.text_model.linear import fused_small_product
 
@@ -106,20 +105,13 @@ def main() -> None:
                         name: ((fn(x, weights[0], *extra).double() - want).abs().max() / want.abs().max()).item()
                         for name, fn in fns.items()
                     }
-                    times: dict[str, list[float]] = {name: [] for name in fns}
                     for fn in fns.values():  # warm-up (and compile)
                         seconds(fn, weights, x, extra)
-                    for _ in range(args.rounds):
-                        for name, fn in fns.items():
-                            times[name].append(seconds(fn, weights, x, extra))
+                    times = interleaved_rounds(fns, lambda fn: seconds(fn, weights, x, extra), args.rounds)
                     row = {"dtype": dtype, "shape": [out_features, in_features], "rows": rows}
                     for name in fns:
-                        gbps = [nbytes / t / 1e9 for t in times[name]]
-                        row[name] = {
-                            "gb_per_s": statistics.median(gbps),
-                            "range": [min(gbps), max(gbps)],
-                            "max_relative_error": errors[name],
-                        }
+                        gbps, spread = median_and_range([nbytes / t / 1e9 for t in times[name]])
+                        row[name] = {"gb_per_s": gbps, "range": spread, "max_relative_error": errors[name]}
                     rows_out.append(row)
                     print(json.dumps(row), flush=True)
     meta = run_meta(

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from run_meta import command_line, run_meta, write_json
+from run_meta import command_line, interleaved_rounds, median_and_range, run_meta, write_json
 
 from gemma3n import quantize
 from gemma3n.quantize import Int4Linear, Int8Linear, int4_prefill_linear, int8_prefill_linear
@@ -85,14 +84,11 @@ def main() -> None:
                 for rows in args.rows:
                     x = torch.randn(rows, k, generator=generator).bfloat16()
                     products = variants(fmt)
-                    times: dict[str, list[float]] = {name: [] for name in products}
-                    for _ in range(args.rounds):
-                        for name, product in products.items():
-                            times[name].append(ms_per_product(product, layers, x))
+                    times = interleaved_rounds(products, lambda p: ms_per_product(p, layers, x), args.rounds)
                     row = {"format": fmt, "shape": shape_name, "rows": rows, "copies": copies}
                     for name in products:
-                        spread = [min(times[name]), max(times[name])]
-                        row[name] = {"ms": statistics.median(times[name]), "range_ms": spread}
+                        median, spread = median_and_range(times[name])
+                        row[name] = {"ms": median, "range_ms": spread}
                     rows_out.append(row)
                     print(json.dumps(row), flush=True)
 

@@ -6,9 +6,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def command_line(script: str, args: argparse.Namespace) -> str:
@@ -45,3 +50,18 @@ def peak_rss_gb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024 / 1e9
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def interleaved_rounds(variants: dict[str, T], measure: Callable[[T], float], rounds: int) -> dict[str, list[float]]:
+    """``measure(variant)`` for every variant once per round, the variants alternating within each round, so that the
+    machine's drift (other jobs, clock changes) reaches all of them alike; returns each variant's measures."""
+    measures: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            measures[name].append(measure(variant))
+    return measures
+
+
+def median_and_range(values: list[float], scale: float = 1.0) -> tuple[float, list[float]]:
+    """(median, [min, max]) of ``values``, each times ``scale`` (a unit change)."""
+    return statistics.median(values) * scale, [min(values) * scale, max(values) * scale]

@@ -85,6 +85,13 @@ def use_dequantized_weights(float_text: torch.nn.Module, quantized: dict[str, to
     return len(quantized)
 
 
+def int4_kernel_input_step(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[m, in] float64: the most the int4 row kernel's rounding of bf16 rows x [m, in] to 8 bits per group of
+    ``group`` inputs moves each value (half a step, the group's largest |x| / 254)."""
+    groups = x.double().abs().view(len(x), -1, group)
+    return (groups.amax(-1, keepdim=True) / 254).expand_as(groups).reshape(len(x), -1)
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     ours, ref = ours.double(), ref.double()
     return ((ours - ref).norm() / ref.norm()).item()

@@ -19,7 +19,7 @@ import mmap
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, save_reference_lm, text_config, use_dequantized_weights
+from conftest import int4_kernel_input_step, rel_err, save_reference_lm, text_config, use_dequantized_weights
 from torch import nn
 
 import gemma3n
@@ -82,8 +82,7 @@ def _check_both_paths(layer: nn.Module, in_f: int, out_f: int, effective: torch.
         exact = x.double() @ effective.double().T
         tol = FP32_TOL if dtype == torch.float32 else 2**-7
         if dtype == torch.bfloat16 and isinstance(layer, Int4Linear):
-            groups = x.double().abs().view(rows, -1, layer.group_size)
-            step = (groups.amax(-1, keepdim=True) / 254).expand_as(groups).reshape(1, rows, in_f)
+            step = int4_kernel_input_step(x.view(rows, in_f), layer.group_size)
             tol += ((step @ effective.double().abs().T).norm() / exact.norm()).item()
         got = layer(x)
         assert got.shape == (1, rows, out_f) and rel_err(got, exact) <= tol

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import int4_kernel_input_step
 from test_packed_weights import _left_padded_batch, _teacher_forced_logits, within_product_bound
 
 import gemma3n
@@ -292,8 +293,7 @@ def int4_error_bound(x: torch.Tensor, layer: quantize.Int4Linear) -> tuple[torch
     exact = x.double() @ weight.T
     group = layer.group_size
     groups = layer.in_features // group
-    x_groups = x.double().abs().view(len(x), groups, group)
-    step = (x_groups.amax(-1, keepdim=True) / 254).expand_as(x_groups).reshape(len(x), -1) * 1.01  # [m, in]
+    step = int4_kernel_input_step(x, group) * 1.01  # [m, in]
     fixed_point = step @ weight.abs().T  # [m, out]
     scale, zero = layer.scales_and_zeros[:, : layer.out_features].double().unbind(-1)  # [groups, out]
     q_part = (weight - (zero - 8 * scale).repeat_interleave(group, 0).T).abs()  # s * q, [out, in]
