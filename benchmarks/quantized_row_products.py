@@ -1,10 +1,12 @@
 """Quantized products of 1-512 bf16 rows on the CPU: gemma3n's row kernels against torch's kernels and against
-dequantizing the weight for a float matmul (the prefill path), on E2B's MLP shapes.
+dequantizing the weight for a float matmul (the prefill path), on E2B's MLP shapes; int8 in rows and in tiles of 32
+rows (``gemma3n.quantized_kernels.int8_tiles``, the layout CPU int8 layers take at load).
 
     flock /tmp/gemma3n-heavy.lock python benchmarks/quantized_row_products.py
 
-What it backs: ``gemma3n.row_kernels.MAX_QUANTIZED_ROWS`` (few-row products take the kernels) and
-``gemma3n.quantize.ROW_KERNEL_PREFILL_ROWS`` (prefill products keep them below those row counts). Per weight format
+What it backs: ``gemma3n.row_kernels.MAX_QUANTIZED_ROWS`` (few-row products take the kernels),
+``gemma3n.quantize.ROW_KERNEL_PREFILL_ROWS`` (prefill products keep them below those row counts) and the tiled int8
+layout (``Int8Linear.use_tiles``). Per weight format
 (int8 per channel, int4 groups of 64) and shape ([8192, 2048] gate/up, [2048, 8192] down), enough copies of the
 weight to exceed the last-level cache are cycled through, so each product reads its weight from memory. Variants are
 interleaved over ``--rounds``; ms per product, medians and ranges. Writes JSON and a markdown table.
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from run_meta import command_line, interleaved_rounds, median_and_range, run_meta, write_json
 
-from gemma3n import quantize
+from gemma3n import quantize, quantized_kernels
 from gemma3n.quantize import Int4Linear, Int8Linear, int4_prefill_linear, int8_prefill_linear
 from gemma3n.row_kernels import prepare_row_kernel, row_kernel_status
 
@@ -33,10 +35,12 @@ COPY_BYTES = 96e6  # weight bytes cycled through per variant: more than the last
 def variants(fmt: str) -> dict[str, Callable]:
     """name -> product(layer, x) for one weight format."""
     if fmt == "int8":
-        return {
+        return {  # layer: an Int8Linear in rows, with ``tiles``, its weight in tiles of 32 rows
             "row kernel": lambda layer, x: torch.ops.gemma3n_cpu.int8_few_row_product(x, layer.qweight, layer.scales),
+            "tiled row kernel": lambda layer, x: torch.ops.gemma3n_cpu.int8_tiles_product(x, layer.tiles, layer.scales),
             "torch kernel": lambda layer, x: torch._weight_int8pack_mm(x, layer.qweight, layer.scales.to(x.dtype)),
-            "dequantized matmul": lambda layer, x: int8_prefill_linear(x, layer.qweight, layer.scales),
+            "dequantized matmul": lambda layer, x: int8_prefill_linear(x, layer.qweight, layer.scales, False),
+            "dequantized from tiles": lambda layer, x: int8_prefill_linear(x, layer.tiles, layer.scales, True),
         }
     return {
         "row kernel": lambda layer, x: torch.ops.gemma3n_cpu.int4_few_row_product(
@@ -80,7 +84,11 @@ def main() -> None:
                 layers = []
                 for _ in range(copies):
                     weight = (torch.randn(n, k, generator=generator) * 0.05).bfloat16()
-                    layers.append(Int8Linear.from_weight(weight) if fmt == "int8" else Int4Linear.from_weight(weight))
+                    if fmt == "int8":
+                        layers.append(Int8Linear.from_weight(weight))
+                        layers[-1].tiles = quantized_kernels.int8_tiles(layers[-1].qweight)
+                    else:
+                        layers.append(Int4Linear.from_weight(weight))
                 for rows in args.rows:
                     x = torch.randn(rows, k, generator=generator).bfloat16()
                     products = variants(fmt)
@@ -97,7 +105,6 @@ def main() -> None:
         load_before,
     )
     write_json(args.out, meta, rows_out)
-    names = list(variants("int8"))
     lines = [
         "# Quantized products of bf16 rows on the CPU, E2B MLP shapes, ms per product (weights read from memory)",
         "",
@@ -105,14 +112,15 @@ def main() -> None:
         f"{meta['load_average_before']} before, {meta['load_average_after']} after; medians of {args.rounds} "
         "interleaved rounds (range). int4: groups of 64. The dequantized matmul is the prefill path without the "
         "kernels.",
-        "",
-        "| format | shape | rows | " + " | ".join(names) + " | fastest |",
-        "|---|---|---|" + "---|" * (len(names) + 1),
     ]
-    for r in rows_out:
-        cells = [f"{r[n]['ms']:.2f} ({r[n]['range_ms'][0]:.2f}-{r[n]['range_ms'][1]:.2f})" for n in names]
-        fastest = min(names, key=lambda n: r[n]["ms"])
-        lines.append(f"| {r['format']} | {r['shape']} | {r['rows']} | " + " | ".join(cells) + f" | {fastest} |")
+    for fmt in args.formats:
+        names = list(variants(fmt))
+        lines += ["", "| format | shape | rows | " + " | ".join(names) + " | fastest |"]
+        lines.append("|---|---|---|" + "---|" * (len(names) + 1))
+        for r in (r for r in rows_out if r["format"] == fmt):
+            cells = [f"{r[n]['ms']:.2f} ({r[n]['range_ms'][0]:.2f}-{r[n]['range_ms'][1]:.2f})" for n in names]
+            fastest = min(names, key=lambda n: r[n]["ms"])
+            lines.append(f"| {r['format']} | {r['shape']} | {r['rows']} | " + " | ".join(cells) + f" | {fastest} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -35,8 +35,16 @@ from torch import nn
 from tqdm import tqdm
 
 from .mapped_pages import file_mappings, release_mapped_pages
-from .quantized_kernels import int4_product, int8_product
-from .row_kernels import int4_row_kernel_product, int8_row_kernel_product, uses_int4_row_kernel, uses_int8_row_kernel
+from .quantized_kernels import int4_product, int8_product, int8_rows_of_tiles, int8_tiles
+from .row_kernels import (
+    int4_row_kernel_product,
+    int8_row_kernel_product,
+    int8_tiles_row_kernel_product,
+    prepare_row_kernel,
+    row_kernel_ready,
+    uses_int4_row_kernel,
+    uses_int8_row_kernel,
+)
 from .text_model.linear import SMALL_WEIGHT_ELEMENTS, fused_int8_product, traced_small_product
 
 QUANTIZE_MODES = ("int8", "int4")
@@ -133,13 +141,20 @@ def _int8_rows(
     start: int = 0,
     stop: int | None = None,
     out: torch.Tensor | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
-    """:meth:`Int8Linear.dequantized` of the weight ``qweight`` [out, in] int8 with ``scales`` [out]."""
-    q, scales = qweight[start:stop], scales[start:stop]
+    """:meth:`Int8Linear.dequantized` of the weight ``qweight`` [out, in] int8 (``tiled``: in tiles of 32 rows, and
+    ``start`` and ``stop`` multiples of 32) with ``scales`` [out]."""
+    q, scales = qweight[start:stop], scales[start:stop]  # whole tiles: a tile holds the bytes of its 32 rows
     if out is None or scales.dtype != dtype:
-        weight = (q.float() * scales.float()[:, None]).to(dtype)
+        weight = ((int8_rows_of_tiles(q) if tiled else q).float() * scales.float()[:, None]).to(dtype)
         return weight if out is None else out[: weight.shape[0]].copy_(weight)
     # int8 values are exact in any float dtype, and q * scale rounds once, as the float32 product above does
+    if tiled:  # [tiles, in / 2, 32, 2] read into rows [tiles, 32, in / 2, 2] by the conversion itself
+        n, in_f = q.shape
+        rows = out[:n].view(n // 32, 32, in_f // 2, 2)
+        rows.copy_(q.view(n // 32, in_f // 2, 32, 2).transpose(1, 2))
+        return out[:n].mul_(scales[:, None])
     return out[: q.shape[0]].copy_(q).mul_(scales[:, None])
 
 
@@ -177,19 +192,21 @@ def _int4_rows(
 # gemma3n.text_model.layers.compiled_blocks) calls them as opaque kernels instead of tracing the block-wise
 # dequantization into reused per-thread buffers.
 @torch.library.custom_op("gemma3n::int8_prefill_linear", mutates_args=())
-def int8_prefill_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (qweight * scales)^T`` [.., out] (many rows, CPU): through the VNNI row kernel below
-    ``ROW_KERNEL_PREFILL_ROWS["int8"]`` bf16 rows where it is ready, else :func:`_dequantized_linear`."""
+def int8_prefill_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """``x @ (qweight * scales)^T`` [.., out] (many rows, CPU; ``tiled``: the weight in tiles of 32 rows): through
+    the VNNI row kernel below ``ROW_KERNEL_PREFILL_ROWS["int8"]`` bf16 rows where it is ready, else
+    :func:`_dequantized_linear`."""
     out_features, in_features = qweight.shape
     rows_2d = x.reshape(-1, in_features)  # [n, in]
     if uses_int8_row_kernel(rows_2d, qweight, max_rows=ROW_KERNEL_PREFILL_ROWS["int8"] - 1):
-        return int8_row_kernel_product(rows_2d, qweight, scales).view(*x.shape[:-1], out_features)
-    rows = functools.partial(_int8_rows, qweight, scales)
+        product = int8_tiles_row_kernel_product if tiled else int8_row_kernel_product
+        return product(rows_2d, qweight, scales).view(*x.shape[:-1], out_features)
+    rows = functools.partial(_int8_rows, qweight, scales, tiled=tiled)
     return _dequantized_linear(x, rows, out_features, in_features)
 
 
 @int8_prefill_linear.register_fake
-def _(x, qweight, scales):
+def _(x, qweight, scales, tiled):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -214,15 +231,22 @@ def _(x, packed, scales_and_zeros, group_size, out_features):
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (q * scale)^T`` with ``q`` int8 [out, in] and one ``scale`` per output channel [out]."""
+    """``y = x @ (q * scale)^T`` with ``q`` int8 [out, in] and one ``scale`` per output channel [out].
+
+    On a CPU with the VNNI row kernel, large bf16-scaled weights are kept in tiles of 32 output rows
+    (:meth:`use_tiles`, done by :func:`for_device`), which the tiled kernel reads faster for 4 rows; ``qweight`` keeps
+    its shape, and state dicts hold the rows (:meth:`rows_qweight`) whatever the layout."""
 
     prefill_is_custom_op = True  # many-row CPU products: int8_prefill_linear (torch.compile does not trace inside)
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight)  # [out, in] int8
+        self.register_buffer("qweight", qweight)  # [out, in] int8, in rows or (tiled) in tiles of 32 rows
         self.register_buffer("scales", scales)  # [out], the activation dtype
+        self.tiled = False
+        self._register_state_dict_hook(_int8_rows_in_state_dict)
+        self._register_load_state_dict_pre_hook(_int8_tiles_from_state_dict, with_module=True)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Linear:
@@ -250,19 +274,57 @@ class Int8Linear(nn.Module):
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The weight the kernel effectively multiplies by, output rows ``start:stop`` [rows, in] (written into the
-        first rows of ``out`` when given)."""
-        return _int8_rows(self.qweight, self.scales, dtype, start, stop, out)
+        first rows of ``out`` when given; tiled: ``start`` and ``stop`` multiples of 32)."""
+        return _int8_rows(self.qweight, self.scales, dtype, start, stop, out, tiled=self.tiled)
+
+    def rows_qweight(self) -> torch.Tensor:
+        """The int8 weight [out, in] in rows, whatever the layout (a copy when tiled)."""
+        return int8_rows_of_tiles(self.qweight) if self.tiled else self.qweight
+
+    def can_tile(self) -> bool:
+        """Whether :meth:`use_tiles` would tile this weight: on the CPU, with the row kernel ready, bf16 scales (the
+        kernel takes bf16 rows), outputs a multiple of 32, inputs even, and larger than the weights that compiled
+        steps fuse (``SMALL_WEIGHT_ELEMENTS``)."""
+        q = self.qweight
+        return (
+            q.device.type == "cpu"
+            and self.scales.dtype == torch.bfloat16
+            and self.out_features % 32 == 0
+            and self.in_features % 2 == 0
+            and q.numel() > SMALL_WEIGHT_ELEMENTS
+            and row_kernel_ready()
+        )
+
+    def use_tiles(self, enable: bool = True) -> bool:
+        """Put the weight in tiles of 32 output rows (``enable=False``: back in rows), in place, a few MB at a time;
+        only where :meth:`can_tile`. Returns whether it is tiled now. Products give the same outputs either way."""
+        if enable == self.tiled or (enable and not self.can_tile()):
+            return self.tiled
+        convert = int8_tiles if enable else int8_rows_of_tiles
+        q = self.qweight.contiguous()
+        step = max(32, _CHUNK_ELEMENTS // self.in_features // 32 * 32)  # whole tiles: each keeps its rows' bytes
+        for start in range(0, self.out_features, step):
+            chunk = q[start : start + step]
+            chunk.copy_(convert(chunk))
+        self.qweight, self.tiled = q, enable
+        return self.tiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         if x.device.type != "cpu":  # int8 values are exact in bf16 / fp16: scale after the matmul, as the kernel does
-            return F.linear(x, self.qweight.to(x.dtype)) * scales
+            return F.linear(x, self.rows_qweight().to(x.dtype)) * scales
         rows = x.reshape(-1, self.in_features)  # [n, in]
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
-            return int8_prefill_linear(x, self.qweight, self.scales)
-        large = self.qweight.numel() > SMALL_WEIGHT_ELEMENTS  # read by the VNNI row kernel where it is ready
+            return int8_prefill_linear(x, self.qweight, self.scales, self.tiled)
+        if self.tiled:
+            return int8_product(rows, self.qweight, scales, tiled=True).view(*x.shape[:-1], self.out_features)
+        # large weights, and small ones for 2-4 rows, go to the VNNI row kernel where it is ready: inductor's fused
+        # multiply-and-sum converts each weight to float32 once per row, and E2B's 120 small int8 products (LAuReL,
+        # per-layer gate and projection) took about 8 ms of a compiled batch-4 step that way (AMD EPYC; the step
+        # went from 86.3 and 86.8 ms to 79.3 and 77.5 on the kernel), while one row keeps the fused product
+        on_kernel = self.qweight.numel() > SMALL_WEIGHT_ELEMENTS or rows.shape[0] > 1
         if traced_small_product(rows.shape[0], self.qweight) and not (
-            large and uses_int8_row_kernel(rows, self.qweight)
+            on_kernel and uses_int8_row_kernel(rows, self.qweight)
         ):
             # a small (or, for one row, fast-fused) weight as a multiply-and-sum (see gemma3n.text_model.linear)
             out = fused_int8_product(rows, self.qweight, scales)
@@ -273,10 +335,24 @@ class Int8Linear(nn.Module):
     def transposed_qweight(self) -> torch.Tensor:
         """A transposed copy of the weight [in, out] int8: input column ``c`` is row ``c`` (for sparse decode,
         :mod:`gemma3n.text_model.sparse_decode`); the scales stay one per output."""
-        return self.qweight.t().contiguous()
+        return self.rows_qweight().t().contiguous()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        tiles = ", in tiles of 32 rows" if self.tiled else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel{tiles}"
+
+
+def _int8_rows_in_state_dict(module: Int8Linear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State dicts hold an :class:`Int8Linear`'s weight in rows, tiled or not."""
+    if module.tiled:
+        state_dict[prefix + "qweight"] = module.rows_qweight()
+
+
+def _int8_tiles_from_state_dict(module: Int8Linear, state_dict: dict, prefix: str, *args) -> None:
+    """Loading a state dict (weights in rows) into a tiled :class:`Int8Linear` tiles them."""
+    q = state_dict.get(prefix + "qweight")
+    if module.tiled and q is not None and q.shape == module.qweight.shape:
+        state_dict[prefix + "qweight"] = int8_tiles(q)
 
 
 class Int4Linear(nn.Module):
@@ -401,10 +477,13 @@ class Int4CudaLinear(nn.Module):
 
 
 def for_device(layer: nn.Module, device: torch.device | str) -> nn.Module:
-    """A quantized layer ready for ``device``: CPU layers as they are; on CUDA, int4 re-packed for the CUDA kernel
-    (bf16 activations only) and int8 moved as is."""
+    """A quantized layer ready for ``device``: on the CPU, int8 in tiles of 32 rows where the tiled row kernel reads
+    it (:meth:`Int8Linear.use_tiles`) and int4 as it is; on CUDA, int4 re-packed for the CUDA kernel (bf16
+    activations only) and int8 moved as is."""
     device = torch.device(device)
     if device.type == "cpu":
+        if isinstance(layer, Int8Linear):
+            layer.use_tiles()
         return layer
     if device.type != "cuda":
         raise ValueError(f"quantized layers run on the CPU or on CUDA; got device={device}")
@@ -482,6 +561,8 @@ def quantize_checkpoint(
     if lm_head and "lm_head" not in jobs and f"{prefix}embed_tokens.weight" in remaining:
         jobs["lm_head"] = remaining[f"{prefix}embed_tokens.weight"]  # the tied table stays for the row gathers
     mappings = file_mappings()
+    if device.type == "cpu" and mode == "int8":
+        prepare_row_kernel()  # built (once per machine) before the workers ask whether it is ready
 
     def run(name: str) -> tuple[str, nn.Module]:
         quantized = quantize_weight(jobs[name], mode, dtype=dtype, group_size=group_size)

@@ -10,17 +10,40 @@ from __future__ import annotations
 
 import torch
 
-from .row_kernels import int4_row_kernel_product, int8_row_kernel_product, uses_int4_row_kernel, uses_int8_row_kernel
+from .row_kernels import (
+    int4_row_kernel_product,
+    int8_row_kernel_product,
+    int8_tiles_row_kernel_product,
+    uses_int4_row_kernel,
+    uses_int8_row_kernel,
+)
 
 
-def int8_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``rows @ (qweight * scales)^T`` [n, out]: rows [n, in] (float), qweight [out, in] int8, scales [out]. 1-31
-    bf16 rows go through the VNNI row kernel where it is ready, others through ``torch._weight_int8pack_mm`` (scales
-    converted to the rows' dtype, as that kernel needs)."""
+def int8_tiles(qweight: torch.Tensor) -> torch.Tensor:
+    """An int8 weight [out, in] (out a multiple of 32, in even) in tiles of 32 output rows, as the tiled row kernel
+    reads it: [out, in] int8 again, whose rows ``32 t`` to ``32 t + 31`` hold tile ``t``: for each pair of inputs
+    (c, c + 1), 64 bytes, row j's two weights at bytes 2j and 2j + 1. A tile takes the bytes its rows took."""
+    out_f, in_f = qweight.shape
+    return qweight.view(out_f // 32, 32, in_f // 2, 2).transpose(1, 2).reshape(out_f, in_f)
+
+
+def int8_rows_of_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`int8_tiles`: [out, in] int8 in tiles -> the weight's rows [out, in]."""
+    out_f, in_f = tiles.shape
+    return tiles.view(out_f // 32, in_f // 2, 32, 2).transpose(1, 2).reshape(out_f, in_f)
+
+
+def int8_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """``rows @ (qweight * scales)^T`` [n, out]: rows [n, in] (float), qweight [out, in] int8 (``tiled``: in the
+    layout of :func:`int8_tiles`), scales [out]. 1-31 bf16 rows go through the VNNI row kernel where it is ready,
+    others through ``torch._weight_int8pack_mm`` (scales converted to the rows' dtype, as that kernel needs; a tiled
+    weight is put back in rows for it, per call)."""
     if uses_int8_row_kernel(rows, qweight):
+        if tiled:
+            return int8_tiles_row_kernel_product(rows, qweight, scales)
         return int8_row_kernel_product(rows, qweight, scales)
     scales = scales if scales.dtype == rows.dtype else scales.to(rows.dtype)
-    return torch._weight_int8pack_mm(rows.contiguous(), qweight, scales)
+    return torch._weight_int8pack_mm(rows.contiguous(), int8_rows_of_tiles(qweight) if tiled else qweight, scales)
 
 
 def int4_product(

@@ -103,7 +103,8 @@ def prepare_row_kernel() -> bool:
             if not (Path(_get_build_directory(_EXTENSION, False)) / f"{_EXTENSION}.so").exists():
                 print("gemma3n: building the CPU row kernel (once per machine, seconds)...", file=sys.stderr)
             load(_EXTENSION, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-            for op in ("gemma3n_cpu::bf16_few_row_product", "gemma3n_cpu::int8_few_row_product"):
+            products = ("bf16_few_row_product", "int8_few_row_product", "int8_tiles_product")
+            for op in (f"gemma3n_cpu::{name}" for name in products):
                 torch.library.register_fake(op)(lambda x, w, *scales: x.new_empty(x.shape[0], w.shape[0]))
             torch.library.register_fake("gemma3n_cpu::int4_few_row_product")(
                 lambda x, packed, scales_and_zeros, group, n_out: x.new_empty(x.shape[0], n_out)
@@ -178,6 +179,13 @@ def int8_row_kernel_product(rows: torch.Tensor, qweight: torch.Tensor, scales: t
     """``rows @ (qweight * scales)^T`` [m, out] in the rows' dtype, through the VNNI kernel: rows [m, in] (any m; bf16
     or float32), qweight [out, in] int8, scales [out]. The rows are rounded to 16 bits each (see the module's note)."""
     return torch.ops.gemma3n_cpu.int8_few_row_product(rows.contiguous(), qweight, scales)
+
+
+def int8_tiles_row_kernel_product(rows: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_row_kernel_product` for an int8 weight in tiles of 32 output rows (``tiles`` [out, in] int8 as
+    :func:`gemma3n.quantize.int8_tiles` lays it out; out a multiple of 32, in even): the same outputs, bit for bit;
+    4 rows read the weight 1.2-1.3x faster."""
+    return torch.ops.gemma3n_cpu.int8_tiles_product(rows.contiguous(), tiles, scales)
 
 
 def uses_int4_row_kernel(

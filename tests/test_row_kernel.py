@@ -276,6 +276,105 @@ def test_an_int8_model_decodes_the_same_through_the_kernel(tiny_lm, monkeypatch)
     assert our_error <= 1.5 * torch_error + 1e-3, (our_error, torch_error)
 
 
+# ---- int8 weights in tiles of 32 rows (the same products, another layout) ----------------------------------------
+def test_int8_tiles_lay_out_each_pair_of_inputs_of_32_rows_together():
+    """Tile t, pair p, row j, byte b of the tiled weight holds q[32 t + j, 2 p + b]; rows go back exactly."""
+    q = torch.randint(-128, 128, (64, 10), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    tiles = quantized_kernels.int8_tiles(q)
+    assert tiles.shape == q.shape and tiles.dtype == torch.int8
+    flat = tiles.reshape(-1)
+    for t, p, j, b in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 31, 1), (0, 4, 7, 0), (1, 2, 5, 1), (1, 4, 31, 1)]:
+        assert flat[t * 32 * 10 + p * 64 + 2 * j + b] == q[32 * t + j, 2 * p + b]
+    assert torch.equal(quantized_kernels.int8_rows_of_tiles(tiles), q)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 31, 40])  # more than 4: groups of 4 over each tile
+@pytest.mark.parametrize(("outputs", "inputs"), [(32, 2), (64, 100), (96, 258), (704, 2048), (64, 8194)])
+def test_tiled_int8_products_equal_the_row_kernels(rows, outputs, inputs):
+    """The tiled kernel forms the same exact integer sums from the same 16-bit x (in another order), so its outputs
+    equal int8_few_row_product's bit for bit: odd pair counts, several 256-input flushes, weights of -128 and 127."""
+    generator = torch.Generator().manual_seed(rows * 1000 + inputs)
+    qweight = torch.randint(-128, 128, (outputs, inputs), generator=generator, dtype=torch.int8)
+    qweight[0], qweight[-1] = 127, -128  # the largest products a lane can take
+    scales = (torch.rand(outputs, generator=generator) + 0.01).bfloat16()
+    x = torch.randn(rows, inputs, generator=generator) * torch.logspace(-3, 1, inputs)
+    x[0, 0] = 1e3
+    tiles = quantized_kernels.int8_tiles(qweight)
+    assert row_kernels.prepare_row_kernel()
+    for dtype in (torch.bfloat16, torch.float32):
+        rows_kernel = row_kernels.int8_row_kernel_product(x.to(dtype), qweight, scales)
+        tiled_kernel = row_kernels.int8_tiles_row_kernel_product(x.to(dtype), tiles, scales)
+        assert torch.equal(tiled_kernel, rows_kernel), dtype
+
+
+@needs_kernel
+def test_tiled_int8_layers_give_the_layers_outputs_in_every_path(monkeypatch):
+    """An int8 layer tiled in place (use_tiles) gives the untiled layer's outputs bit for bit: 1-31 rows and prefill
+    below ROW_KERNEL_PREFILL_ROWS through the tiled kernel (traced as its op when compiled), more rows dequantized
+    from the tiles, float32 rows through torch's kernel; its dequantized weight, transposed copy and state dict are
+    the rows'. Weights that do not divide into tiles stay in rows."""
+    monkeypatch.setattr(quantize, "SMALL_WEIGHT_ELEMENTS", 0)
+    weight = torch.randn(320, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    rows_layer = quantize.Int8Linear.from_weight(weight)
+    layer = quantize.Int8Linear.from_weight(weight)
+    assert layer.can_tile() and layer.use_tiles() and layer.tiled
+    assert not torch.equal(layer.qweight, rows_layer.qweight)  # really another layout
+    assert "in tiles of 32 rows" in repr(layer)
+    generator = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for count in (1, 4, 31, 40, quantize.ROW_KERNEL_PREFILL_ROWS["int8"] + 6):
+            x = torch.randn(1, count, 256, generator=generator).bfloat16()
+            assert torch.equal(layer(x), rows_layer(x)), count
+        x = torch.randn(3, 256, generator=generator)
+        assert torch.equal(layer(x.bfloat16()).float(), rows_layer(x.bfloat16()).float())
+        assert torch.equal(layer(x.float()), rows_layer(x.float()))  # float32 rows: torch's kernel, in rows
+    eager, compiled, targets = _eager_and_traced(layer, torch.randn(2, 1, 256, generator=generator).bfloat16())
+    assert targets == [torch.ops.gemma3n_cpu.int8_tiles_product], targets
+    assert torch.equal(compiled, eager)
+    assert torch.equal(layer.dequantized(torch.bfloat16), rows_layer.dequantized(torch.bfloat16))
+    assert torch.equal(layer.dequantized(torch.float32, 64, 128), rows_layer.dequantized(torch.float32, 64, 128))
+    assert torch.equal(layer.transposed_qweight(), rows_layer.transposed_qweight())
+    state = layer.state_dict()
+    assert torch.equal(state["qweight"], rows_layer.qweight)
+    fresh = quantize.Int8Linear.from_weight(torch.zeros(320, 256).bfloat16())
+    fresh.use_tiles()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.qweight, layer.qweight)
+    assert not layer.use_tiles(False) and torch.equal(layer.qweight, rows_layer.qweight)
+    odd = quantize.Int8Linear.from_weight(torch.randn(100, 256).bfloat16())  # 100 rows: no whole tiles
+    assert not odd.can_tile() and not odd.use_tiles()
+
+
+@needs_kernel
+def test_an_int8_model_with_tiled_weights_gives_the_same_logits_and_tokens(tiny_lm, monkeypatch):
+    """With every divisible int8 weight tiled (the size floor lowered, so the tiny model's weights qualify; at load
+    on a CPU, by quantize.for_device), teacher-forced prefill and decode logits of a left-padded batch and compiled
+    greedy tokens equal those of the untiled model. The sparse layers' up and down weights stay in rows: their decode
+    product gathers rows."""
+    from gemma3n.generation import decode_step
+
+    ids, mask = _left_padded_batch()
+    monkeypatch.setattr(quantize, "SMALL_WEIGHT_ELEMENTS", 0)
+    with torch.inference_mode():
+        tiled = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16, quantize="int8")
+        with monkeypatch.context() as untiled_only:
+            untiled_only.setattr(quantize.Int8Linear, "can_tile", lambda self: False)
+            rows = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16, quantize="int8")
+        layers = [m for m in tiled.modules() if isinstance(m, quantize.Int8Linear)]
+        assert sum(m.tiled for m in layers) >= len(layers) // 2, [m.tiled for m in layers]
+        assert not any(m.tiled for m in rows.modules() if isinstance(m, quantize.Int8Linear))
+        for layer in tiled.language_model.layers:
+            if layer.mlp.sparse_decode is not None:
+                assert not layer.mlp.up_proj.tiled and not layer.mlp.down_proj.tiled
+        assert torch.equal(
+            _teacher_forced_logits(tiled, ids, mask, decode_step), _teacher_forced_logits(rows, ids, mask, decode_step)
+        )
+        prompt = ids[:1, -6:]
+        settings = {"max_new_tokens": 4, "do_sample": False, "compile": True}
+        assert torch.equal(tiled.generate(prompt, **settings), rows.generate(prompt, **settings))
+
+
 # ---- int4 weights (AVX512-VNNI and VBMI, torch's CPU int4 packing) -------------------------------------------------
 needs_int4_kernel = pytest.mark.skipif(
     not cpu_has_int4_row_kernel_instructions(), reason="no AVX512-BF16, VNNI and VBMI: torch's int4 kernel serves"

@@ -113,7 +113,8 @@ class SparseDecodeProduct:
 
 def sparse_decode_product(up: nn.Module, down: nn.Module) -> SparseDecodeProduct | None:
     """The sparse decode product for an MLP's ``up_proj`` and ``down_proj`` on the CPU: plain float ``Linear``
-    layers, or both int8 layers of :mod:`gemma3n.quantize`; None for anything else (int4, CUDA, mixed)."""
+    layers, or both int8 layers of :mod:`gemma3n.quantize` (put back in rows if they were tiled); None for anything
+    else (int4, CUDA, mixed)."""
     from ..quantize import Int8Linear  # gemma3n.quantize imports this package
 
     weights = [t for m in (up, down) for t in m.buffers()] + [p for m in (up, down) for p in m.parameters()]
@@ -123,6 +124,7 @@ def sparse_decode_product(up: nn.Module, down: nn.Module) -> SparseDecodeProduct
         down_t = down.weight.detach().t().contiguous()
         return SparseDecodeProduct(sparse_gated_down, (up.weight, down.weight, down_t))
     if type(up) is Int8Linear and type(down) is Int8Linear:
+        up.use_tiles(False), down.use_tiles(False)  # gathered by rows (the tiles of gemma3n.quantize are not)
         weights = (up.qweight, up.scales, down.qweight, down.scales, down.transposed_qweight())
         return SparseDecodeProduct(sparse_gated_down_int8, weights)
     return None
