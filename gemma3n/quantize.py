@@ -61,8 +61,10 @@ _DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24  # weights dequantized at once on that path
 # and [2048, 8192] on an AMD EPYC, 2 threads, ms per product, kernel against dequantized: int8 at 64 rows 3.7-4.2 /
 # 5.0-5.1, at 128 rows 7.8-11.8 / 7.2-8.2; int4 (8-bit x, VPDPBUSD: results/quantized_row_products_int4_vpdpbusd.md)
 # at 1024 rows 33.6 / 49.0 and 40.5 / 47.4, at 2048 rows 66.1 / 92.9 and 83.9 / 87.3, at 4096 rows 137 / 188 and
-# 232 / 177 (every 4 x rows read the weight block from the cache, and every block reads all of x).
-ROW_KERNEL_PREFILL_ROWS = {"int8": 64, "int4": 2048}
+# 232 / 177 (every 4 x rows read the weight block from the cache, and every block reads all of x). int8 in tiles of
+# 32 rows (Int8Linear.use_tiles; results/quantized_row_products_int8_tiles.md), tiled kernel against dequantized from
+# the tiles: at 192 rows 10.5 / 11.7 and 9.3 / 10.8, at 256 rows 13.9 / 13.8 and 12.5 / 13.0, at 512 rows 26.5 / 23.8.
+ROW_KERNEL_PREFILL_ROWS = {"int8": 64, "int8 tiles": 256, "int4": 2048}
 
 
 def _chunk_rows(cols: int) -> int:
@@ -196,11 +198,12 @@ def _int4_rows(
 @torch.library.custom_op("gemma3n::int8_prefill_linear", mutates_args=())
 def int8_prefill_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, tiled: bool) -> torch.Tensor:
     """``x @ (qweight * scales)^T`` [.., out] (many rows, CPU; ``tiled``: the weight in tiles of 32 rows): through
-    the VNNI row kernel below ``ROW_KERNEL_PREFILL_ROWS["int8"]`` bf16 rows where it is ready, else
-    :func:`_dequantized_linear`."""
+    the VNNI row kernel below ``ROW_KERNEL_PREFILL_ROWS["int8"]`` (tiled: ``["int8 tiles"]``) bf16 rows where it is
+    ready, else :func:`_dequantized_linear`."""
     out_features, in_features = qweight.shape
     rows_2d = x.reshape(-1, in_features)  # [n, in]
-    if uses_int8_row_kernel(rows_2d, qweight, max_rows=ROW_KERNEL_PREFILL_ROWS["int8"] - 1):
+    limit = ROW_KERNEL_PREFILL_ROWS["int8 tiles" if tiled else "int8"] - 1
+    if uses_int8_row_kernel(rows_2d, qweight, max_rows=limit):
         product = int8_tiles_row_kernel_product if tiled else int8_row_kernel_product
         return product(rows_2d, qweight, scales).view(*x.shape[:-1], out_features)
     rows = functools.partial(_int8_rows, qweight, scales, tiled=tiled)

@@ -323,7 +323,7 @@ def test_tiled_int8_layers_give_the_layers_outputs_in_every_path(monkeypatch):
     assert "in tiles of 32 rows" in repr(layer)
     generator = torch.Generator().manual_seed(5)
     with torch.inference_mode():
-        for count in (1, 4, 31, 40, quantize.ROW_KERNEL_PREFILL_ROWS["int8"] + 6):
+        for count in (1, 4, 31, 40, quantize.ROW_KERNEL_PREFILL_ROWS["int8 tiles"] + 6):
             x = torch.randn(1, count, 256, generator=generator).bfloat16()
             assert torch.equal(layer(x), rows_layer(x)), count
         x = torch.randn(3, 256, generator=generator)

@@ -27,8 +27,10 @@ namespace {
 
 constexpr int64_t kLanes = 32;  // bf16 values per 512-bit register
 // Each thread's weight stream is also fetched this many bytes ahead in software (PREFETCHT0). With 4 x rows the
-// hardware prefetcher alone ran behind: int8 products of E2B-sized weights read 4 rows at 34 GB/s against 40 with it
-// (1 row 41 against 44; AMD EPYC, 2 threads). A prefetch past the end of a weight is harmless (it never faults).
+// hardware prefetcher alone ran behind: E2B-sized weights (42 of them, read from memory; AMD EPYC, 2 threads, the
+// kernels built with and without it, alternating) read 4 rows at 42 / 52 GB/s against 35 / 39 without (int8, two
+// runs), int4 43 / 49 against 38 / 46, bf16 47 / 54 against 42 / 49; one int8 row 47 / 61 against 42 / 55; one bf16
+// row 51 / 72 against 52 / 76, so bf16 fetches ahead for 2-4 rows only. A prefetch past the end is harmless.
 constexpr int64_t kPrefetchAhead = 2048;
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchAhead, _MM_HINT_T0);
@@ -294,8 +296,9 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
 // inputs (c, c + 1), 64 bytes: row j's two weights at bytes 2j and 2j + 1 ([n / 32, k / 2, 32, 2], see
 // gemma3n.quantize.int8_tiles). A pair's 32 bytes for 16 rows widen to int16 (VPMOVSXBW) and meet the pair
 // (x[c], x[c + 1]) of an x row broadcast to every lane in one VPDPWSSD. So x is read as 4 bytes per pair, not as whole
-// registers, and no horizontal sums are left at the end: with the software prefetch, 4 x rows read E2B-sized weights
-// at 43 GB/s against 34 for int8_rows (1 row 47.5 against 40.6; AMD EPYC, 2 threads, benchmarks/int8_layouts.py).
+// registers, and no horizontal sums are left at the end. E2B's [8192, 2048] and [2048, 8192] with 4 x rows: 0.31 and
+// 0.31 ms against 0.34 and 0.43 for int8_rows; 31 rows 1.70 and 1.57 against 2.65 and 2.69 (AMD EPYC, 2 threads,
+// weights read from memory, benchmarks/results/quantized_row_products_int8_tiles.md).
 // A lane takes 2 products of at most 128 * 32767 per pair: 128 pairs stay below 2^31, then it goes to int64.
 constexpr int64_t kTileRows = 32;
 constexpr int64_t kPairsPerFlush = 128;
