@@ -63,7 +63,7 @@ _DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24  # weights dequantized at once on that path
 # at 1024 rows 33.6 / 49.0 and 40.5 / 47.4, at 2048 rows 66.1 / 92.9 and 83.9 / 87.3, at 4096 rows 137 / 188 and
 # 232 / 177 (every 4 x rows read the weight block from the cache, and every block reads all of x). int8 in tiles of
 # 32 rows (Int8Linear.use_tiles; results/quantized_row_products_int8_tiles.md), tiled kernel against dequantized from
-# the tiles: at 192 rows 10.5 / 11.7 and 9.3 / 10.8, at 256 rows 13.9 / 13.8 and 12.5 / 13.0, at 512 rows 26.5 / 23.8.
+# the tiles: at 192 rows 10.3 / 11.4 and 9.1 / 10.0, at 256 rows 13.5 / 13.7 and 12.1 / 12.1, at 512 rows 25.8 / 21.7.
 ROW_KERNEL_PREFILL_ROWS = {"int8": 64, "int8 tiles": 256, "int4": 2048}
 
 

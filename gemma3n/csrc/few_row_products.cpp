@@ -296,8 +296,8 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
 // inputs (c, c + 1), 64 bytes: row j's two weights at bytes 2j and 2j + 1 ([n / 32, k / 2, 32, 2], see
 // gemma3n.quantize.int8_tiles). A pair's 32 bytes for 16 rows widen to int16 (VPMOVSXBW) and meet the pair
 // (x[c], x[c + 1]) of an x row broadcast to every lane in one VPDPWSSD. So x is read as 4 bytes per pair, not as whole
-// registers, and no horizontal sums are left at the end. E2B's [8192, 2048] and [2048, 8192] with 4 x rows: 0.31 and
-// 0.31 ms against 0.34 and 0.43 for int8_rows; 31 rows 1.70 and 1.57 against 2.65 and 2.69 (AMD EPYC, 2 threads,
+// registers, and no horizontal sums are left at the end. E2B's [8192, 2048] and [2048, 8192] with 4 x rows: 0.37 and
+// 0.36 ms against 0.42 and 0.49 for int8_rows; 31 rows 1.72 and 1.56 against 2.65 and 2.67 (AMD EPYC, 2 threads,
 // weights read from memory, benchmarks/results/quantized_row_products_int8_tiles.md).
 // A lane takes 2 products of at most 128 * 32767 per pair: 128 pairs stay below 2^31, then it goes to int64.
 constexpr int64_t kTileRows = 32;
