@@ -182,6 +182,10 @@ def load_family_model(
             lm_head=model.task == "text-generation",
         )
     attach_weights(model, renamed, dtype=dtype, device=device, source=str(path))
+    if quantize is not None and device.type == "cpu":
+        from .quantize import tile_int8_layers
+
+        tile_int8_layers(model)
     model.path = path
     return model.eval().requires_grad_(False)
 

@@ -106,6 +106,10 @@ class Gemma3n(LoadedModel):
         if ple_device is not None and torch.device(ple_device).type == "cpu" and torch.device(device).type == "cuda":
             model.language_model.embed_tokens_per_layer.weight = nn.Parameter(table.pin_memory(), requires_grad=False)
         model.path = path
+        if quantize is not None and device.type == "cpu":
+            from .quantize import tile_int8_layers
+
+            tile_int8_layers(model)  # before sparse decode, which keeps its layers in rows
         model.language_model.advise_row_reads()  # uncached rows read from disk row by row, not by read-ahead windows
         if device.type == "cpu":
             model.language_model.enable_sparse_decode()  # row-gatherable copies of each sparse layer's weights

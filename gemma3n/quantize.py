@@ -40,7 +40,6 @@ from .row_kernels import (
     int4_row_kernel_product,
     int8_row_kernel_product,
     int8_tiles_row_kernel_product,
-    prepare_row_kernel,
     row_kernel_ready,
     uses_int4_row_kernel,
     uses_int8_row_kernel,
@@ -239,8 +238,8 @@ class Int8Linear(nn.Module):
     """``y = x @ (q * scale)^T`` with ``q`` int8 [out, in] and one ``scale`` per output channel [out].
 
     On a CPU with the VNNI row kernel, large bf16-scaled weights are kept in tiles of 32 output rows
-    (:meth:`use_tiles`, done by :func:`for_device`), which the tiled kernel reads faster for 4 rows; ``qweight`` keeps
-    its shape, and state dicts hold the rows (:meth:`rows_qweight`) whatever the layout."""
+    (:meth:`use_tiles`, done at load by :func:`tile_int8_layers`), which the tiled kernel reads faster; ``qweight``
+    keeps its shape, and state dicts hold the rows (:meth:`rows_qweight`) whatever the layout."""
 
     prefill_is_custom_op = True  # many-row CPU products: int8_prefill_linear (torch.compile does not trace inside)
 
@@ -482,19 +481,24 @@ class Int4CudaLinear(nn.Module):
 
 
 def for_device(layer: nn.Module, device: torch.device | str) -> nn.Module:
-    """A quantized layer ready for ``device``: on the CPU, int8 in tiles of 32 rows where the tiled row kernel reads
-    it (:meth:`Int8Linear.use_tiles`) and int4 as it is; on CUDA, int4 re-packed for the CUDA kernel (bf16
-    activations only) and int8 moved as is."""
+    """A quantized layer ready for ``device``: CPU layers as they are (int8 is tiled once attached, see
+    :func:`tile_int8_layers`); on CUDA, int4 re-packed for the CUDA kernel (bf16 activations only) and int8 moved as
+    is."""
     device = torch.device(device)
     if device.type == "cpu":
-        if isinstance(layer, Int8Linear):
-            layer.use_tiles()
         return layer
     if device.type != "cuda":
         raise ValueError(f"quantized layers run on the CPU or on CUDA; got device={device}")
     if isinstance(layer, Int4Linear):
         return Int4CudaLinear.from_int4_linear(layer, device)
     return layer.to(device)
+
+
+def tile_int8_layers(model: nn.Module) -> int:
+    """Put every :class:`Int8Linear` of ``model`` that qualifies (:meth:`Int8Linear.can_tile`) in tiles of 32 rows,
+    in place; returns how many. The loaders call it once the weights are attached (a state dict holds rows, so
+    tiling before would make a rows copy of each weight) and before sparse decode takes its layers back in rows."""
+    return sum(module.use_tiles() for module in model.modules() if isinstance(module, Int8Linear))
 
 
 def quantize_weight(
@@ -566,8 +570,6 @@ def quantize_checkpoint(
     if lm_head and "lm_head" not in jobs and f"{prefix}embed_tokens.weight" in remaining:
         jobs["lm_head"] = remaining[f"{prefix}embed_tokens.weight"]  # the tied table stays for the row gathers
     mappings = file_mappings()
-    if device.type == "cpu" and mode == "int8":
-        prepare_row_kernel()  # built (once per machine) before the workers ask whether it is ready
 
     def run(name: str) -> tuple[str, nn.Module]:
         quantized = quantize_weight(jobs[name], mode, dtype=dtype, group_size=group_size)

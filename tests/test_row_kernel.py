@@ -349,15 +349,20 @@ def test_tiled_int8_layers_give_the_layers_outputs_in_every_path(monkeypatch):
 @needs_kernel
 def test_an_int8_model_with_tiled_weights_gives_the_same_logits_and_tokens(tiny_lm, monkeypatch):
     """With every divisible int8 weight tiled (the size floor lowered, so the tiny model's weights qualify; at load
-    on a CPU, by quantize.for_device), teacher-forced prefill and decode logits of a left-padded batch and compiled
-    greedy tokens equal those of the untiled model. The sparse layers' up and down weights stay in rows: their decode
-    product gathers rows."""
+    on a CPU, once attached: no tiled weight went through a state dict, whose rows copy would cost a second copy of
+    the weights), teacher-forced prefill and decode logits of a left-padded batch and compiled greedy tokens equal
+    those of the untiled model. The sparse layers' up and down weights stay in rows: their decode product gathers
+    rows."""
     from gemma3n.generation import decode_step
 
     ids, mask = _left_padded_batch()
     monkeypatch.setattr(quantize, "SMALL_WEIGHT_ELEMENTS", 0)
+    copies = []
+    hook = quantize._int8_rows_in_state_dict
+    monkeypatch.setattr(quantize, "_int8_rows_in_state_dict", lambda m, *a: copies.append(m.tiled) or hook(m, *a))
     with torch.inference_mode():
         tiled = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16, quantize="int8")
+        assert copies and not any(copies)  # state dicts were taken before tiling only
         with monkeypatch.context() as untiled_only:
             untiled_only.setattr(quantize.Int8Linear, "can_tile", lambda self: False)
             rows = gemma3n.load(tiny_lm[1], dtype=torch.bfloat16, quantize="int8")

@@ -271,23 +271,35 @@ void int8_product_into(const FixedRows& x, const int8_t* w, const float* w_scale
   });
 }
 
-at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_few_row_product: x [m, k], w [n, k]");
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() && w.is_cpu(), "int8_few_row_product: int8 CPU w");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "int8_few_row_product: bf16 or f32 x");
-  TORCH_CHECK(scales.numel() == w.size(0), "int8_few_row_product: one scale per output row");
+// What the int8 products share: checks, x rounded to 16-bit rows, y [m, n] in x's dtype filled by
+// ``into(x16, w, w_scale, y, m, n, k)``.
+template <typename Into>
+at::Tensor int8_product_of(const char* name, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                           Into into) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x [m, k], w [n, k]");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() && w.is_cpu(), name, ": int8 CPU w");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name, ": bf16 or f32 x");
+  TORCH_CHECK(scales.numel() == w.size(0), name, ": one scale per output row");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(m >= 1, "int8_few_row_product: no rows");
+  TORCH_CHECK(m >= 1, name, ": no rows");
   const FixedRows split = fixed_rows(x);
   const at::Tensor w_scale = scales.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, x.options());
   const auto* wp = w.const_data_ptr<int8_t>();
   if (x.scalar_type() == at::kBFloat16) {
-    int8_product_into(split, wp, w_scale.const_data_ptr<float>(), y.mutable_data_ptr<c10::BFloat16>(), m, n, k);
+    into(split, wp, w_scale.const_data_ptr<float>(), y.mutable_data_ptr<c10::BFloat16>(), m, n, k);
   } else {
-    int8_product_into(split, wp, w_scale.const_data_ptr<float>(), y.mutable_data_ptr<float>(), m, n, k);
+    into(split, wp, w_scale.const_data_ptr<float>(), y.mutable_data_ptr<float>(), m, n, k);
   }
   return y;
+}
+
+at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  return int8_product_of("int8_few_row_product", x, w, scales, [](const FixedRows& split, const int8_t* wp,
+                                                                  const float* w_scale, auto* y, int64_t m, int64_t n,
+                                                                  int64_t k) {
+    int8_product_into(split, wp, w_scale, y, m, n, k);
+  });
 }
 
 // ---- int8 weights in tiles of 32 output rows ------------------------------------------------------------------------
@@ -377,23 +389,13 @@ void int8_tiles_product_into(const FixedRows& x, const int8_t* w, const float* w
 }
 
 at::Tensor int8_tiles_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_tiles_product: x [m, k], w [n, k]");
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() && w.is_cpu(), "int8_tiles_product: int8 CPU w");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "int8_tiles_product: bf16 or f32 x");
-  TORCH_CHECK(w.size(0) % kTileRows == 0 && w.size(1) % 2 == 0, "int8_tiles_product: n a multiple of 32, k even");
-  TORCH_CHECK(scales.numel() == w.size(0), "int8_tiles_product: one scale per output row");
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(m >= 1, "int8_tiles_product: no rows");
-  const FixedRows split = fixed_rows(x);
-  const at::Tensor w_scale = scales.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({m, n}, x.options());
-  const auto* wp = w.const_data_ptr<int8_t>();
-  if (x.scalar_type() == at::kBFloat16) {
-    int8_tiles_product_into(split, wp, w_scale.const_data_ptr<float>(), y.mutable_data_ptr<c10::BFloat16>(), m, n, k);
-  } else {
-    int8_tiles_product_into(split, wp, w_scale.const_data_ptr<float>(), y.mutable_data_ptr<float>(), m, n, k);
-  }
-  return y;
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % kTileRows == 0 && w.size(1) % 2 == 0,
+              "int8_tiles_product: w [n, k] with n a multiple of 32 and k even");
+  return int8_product_of("int8_tiles_product", x, w, scales, [](const FixedRows& split, const int8_t* wp,
+                                                                const float* w_scale, auto* y, int64_t m, int64_t n,
+                                                                int64_t k) {
+    int8_tiles_product_into(split, wp, w_scale, y, m, n, k);
+  });
 }
 
 // ---- int4 weights, in torch's CPU packing --------------------------------------------------------------------------
