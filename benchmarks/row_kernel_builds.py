@@ -82,6 +82,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(*args.child)))
         return
+    del args.child  # not part of the command to record
     load_before = os.getloadavg()
     sources = {}
     with tempfile.TemporaryDirectory() as folder:

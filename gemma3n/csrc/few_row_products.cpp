@@ -27,10 +27,11 @@ namespace {
 
 constexpr int64_t kLanes = 32;  // bf16 values per 512-bit register
 // Each thread's weight stream is also fetched this many bytes ahead in software (PREFETCHT0). With 4 x rows the
-// hardware prefetcher alone ran behind: E2B-sized weights (42 of them, read from memory; AMD EPYC, 2 threads, the
-// kernels built with and without it, alternating) read 4 rows at 42 / 52 GB/s against 35 / 39 without (int8, two
-// runs), int4 43 / 49 against 38 / 46, bf16 47 / 54 against 42 / 49; one int8 row 47 / 61 against 42 / 55; one bf16
-// row 51 / 72 against 52 / 76, so bf16 fetches ahead for 2-4 rows only. A prefetch past the end is harmless.
+// hardware prefetcher alone ran behind: on 42 E2B-sized weights read from memory (AMD EPYC, 2 threads, the kernels
+// built with and without it, alternating; benchmarks/results/row_kernel_prefetch.md) 4 rows read at 51.5 GB/s
+// against 40.8 (int8), 43.2 against 38.8 (int4), 55.3 against 49.8 (bf16); one int8 row 62.6 against 55.4. One bf16
+// row kept pace without it (in an earlier pair of runs it read 51 / 72 GB/s with it against 52 / 76 without), so bf16
+// fetches ahead for 2-4 rows only. A prefetch past the end of a weight is harmless (it never faults).
 constexpr int64_t kPrefetchAhead = 2048;
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchAhead, _MM_HINT_T0);
