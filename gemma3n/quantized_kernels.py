@@ -19,18 +19,29 @@ from .row_kernels import (
 )
 
 
-def int8_tiles(qweight: torch.Tensor) -> torch.Tensor:
+def int8_tiles(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """An int8 weight [out, in] (out a multiple of 32, in even) in tiles of 32 output rows, as the tiled row kernel
     reads it: [out, in] int8 again, whose rows ``32 t`` to ``32 t + 31`` hold tile ``t``: for each pair of inputs
-    (c, c + 1), 64 bytes, row j's two weights at bytes 2j and 2j + 1. A tile takes the bytes its rows took."""
-    out_f, in_f = qweight.shape
-    return qweight.view(out_f // 32, 32, in_f // 2, 2).transpose(1, 2).reshape(out_f, in_f)
+    (c, c + 1), 64 bytes, row j's two weights at bytes 2j and 2j + 1. A tile takes the bytes its rows took. Written
+    into ``out`` ([out, in] int8) when given."""
+    return _transpose_pairs(qweight, 32, qweight.shape[1] // 2, out)
 
 
-def int8_rows_of_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`int8_tiles`: [out, in] int8 in tiles -> the weight's rows [out, in]."""
-    out_f, in_f = tiles.shape
-    return tiles.view(out_f // 32, in_f // 2, 32, 2).transpose(1, 2).reshape(out_f, in_f)
+def int8_rows_of_tiles(tiles: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`int8_tiles`: [out, in] int8 in tiles -> the weight's rows [out, in] (into ``out`` when
+    given)."""
+    return _transpose_pairs(tiles, tiles.shape[1] // 2, 32, out)
+
+
+def _transpose_pairs(q: torch.Tensor, rows: int, cols: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Each block of 32 rows of ``q`` [n, in] int8, read as int16 pairs [rows, cols] (32 x in / 2 either way),
+    transposed. Moving the pairs as int16 ran 3x as fast as moving single bytes through a 4-D transpose (E2B's
+    [8192, 2048] back into rows: 3.4 ms converted to bf16 afterwards, against 10 ms in one strided conversion)."""
+    n, in_f = q.shape
+    out = torch.empty_like(q) if out is None else out
+    pairs = q.view(torch.int16).view(n // 32, rows, cols)
+    out.view(torch.int16).view(n // 32, cols, rows).copy_(pairs.transpose(1, 2))
+    return out
 
 
 def int8_product(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, tiled: bool = False) -> torch.Tensor:

@@ -186,8 +186,8 @@ def int8_row_kernel_product(rows: torch.Tensor, qweight: torch.Tensor, scales: t
 
 def int8_tiles_row_kernel_product(rows: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """:func:`int8_row_kernel_product` for an int8 weight in tiles of 32 output rows (``tiles`` [out, in] int8 as
-    :func:`gemma3n.quantize.int8_tiles` lays it out; out a multiple of 32, in even): the same outputs, bit for bit;
-    4 rows read the weight 1.2-1.3x faster."""
+    :func:`gemma3n.quantized_kernels.int8_tiles` lays it out; out a multiple of 32, in even): the same outputs, bit
+    for bit; 4 rows read the weight 1.2-1.3x faster."""
     return torch.ops.gemma3n_cpu.int8_tiles_product(rows.contiguous(), tiles, scales)
 
 

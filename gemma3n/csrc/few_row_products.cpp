@@ -307,7 +307,7 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
 // The same product as int8_few_row_product (the same 16-bit x, exact integer sums, the same final rounding: equal
 // outputs), with the weight laid out so the lanes are output rows: tiles of 32 rows, and in a tile, for each pair of
 // inputs (c, c + 1), 64 bytes: row j's two weights at bytes 2j and 2j + 1 ([n / 32, k / 2, 32, 2], see
-// gemma3n.quantize.int8_tiles). A pair's 32 bytes for 16 rows widen to int16 (VPMOVSXBW) and meet the pair
+// gemma3n.quantized_kernels.int8_tiles). A pair's 32 bytes for 16 rows widen to int16 (VPMOVSXBW) and meet the pair
 // (x[c], x[c + 1]) of an x row broadcast to every lane in one VPDPWSSD. So x is read as 4 bytes per pair, not as whole
 // registers, and no horizontal sums are left at the end. E2B's [8192, 2048] and [2048, 8192] with 4 x rows: 0.37 and
 // 0.36 ms against 0.42 and 0.49 for int8_rows; 31 rows 1.72 and 1.56 against 2.65 and 2.67 (AMD EPYC, 2 threads,
@@ -316,59 +316,57 @@ at::Tensor int8_few_row_product(const at::Tensor& x, const at::Tensor& w, const 
 constexpr int64_t kTileRows = 32;
 constexpr int64_t kPairsPerFlush = 128;
 
-// Tiles [t0, t1) of x rows [r0, r0 + M); U independent accumulator sets hide VPDPWSSD's latency for few rows.
+// Tile t of x rows [r0, r0 + M); U independent accumulator sets hide VPDPWSSD's latency for few rows.
 template <int M, int U, typename Out>
-void int8_tile_rows(const FixedRows& x, const int8_t* w, const float* w_scale, Out* y, int64_t n, int64_t k, int64_t t0,
-                    int64_t t1, int64_t r0) {
+void int8_tile_rows(const FixedRows& x, const int8_t* w, const float* w_scale, Out* y, int64_t n, int64_t k, int64_t t,
+                    int64_t r0) {
   const int64_t pairs = k / 2;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int8_t* tile = w + t * kTileRows * k;
-    __m512i total[2][M][2];  // [rows 0-15, 16-31][x row][lanes 0-7, 8-15] in int64
-    for (int h = 0; h < 2; ++h)
-      for (int m = 0; m < M; ++m) total[h][m][0] = total[h][m][1] = _mm512_setzero_si512();
-    for (int64_t p0 = 0; p0 < pairs; p0 += kPairsPerFlush) {
-      const int64_t p1 = std::min(pairs, p0 + kPairsPerFlush);
-      __m512i acc[U][2][M];
-      for (int u = 0; u < U; ++u)
-        for (int h = 0; h < 2; ++h)
-          for (int m = 0; m < M; ++m) acc[u][h][m] = _mm512_setzero_si512();
-      auto step = [&](int u, int64_t p) {  // the pair p of 32 rows against every x row
-        const int8_t* wp = tile + p * 64;
-        prefetch_ahead(wp);
-        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp)));
-        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32)));
-        for (int m = 0; m < M; ++m) {
-          int32_t pair;
-          std::memcpy(&pair, x.q.data() + (r0 + m) * k + 2 * p, sizeof(pair));
-          const __m512i xb = _mm512_set1_epi32(pair);
-          acc[u][0][m] = _mm512_dpwssd_epi32(acc[u][0][m], w0, xb);
-          acc[u][1][m] = _mm512_dpwssd_epi32(acc[u][1][m], w1, xb);
-        }
-      };
-      int64_t p = p0;
-      for (; p + U <= p1; p += U)
-        for (int u = 0; u < U; ++u) step(u, p + u);
-      for (; p < p1; ++p) step(0, p);
-      for (int u = 0; u < U; ++u)
-        for (int h = 0; h < 2; ++h)
-          for (int m = 0; m < M; ++m) {
-            const __m512i a = acc[u][h][m];
-            total[h][m][0] = _mm512_add_epi64(total[h][m][0], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a)));
-            total[h][m][1] = _mm512_add_epi64(total[h][m][1], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1)));
-          }
-    }
-    for (int h = 0; h < 2; ++h)
+  const int8_t* tile = w + t * kTileRows * k;
+  __m512i total[2][M][2];  // [rows 0-15, 16-31][x row][lanes 0-7, 8-15] in int64
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < M; ++m) total[h][m][0] = total[h][m][1] = _mm512_setzero_si512();
+  for (int64_t p0 = 0; p0 < pairs; p0 += kPairsPerFlush) {
+    const int64_t p1 = std::min(pairs, p0 + kPairsPerFlush);
+    __m512i acc[U][2][M];
+    for (int u = 0; u < U; ++u)
+      for (int h = 0; h < 2; ++h)
+        for (int m = 0; m < M; ++m) acc[u][h][m] = _mm512_setzero_si512();
+    auto step = [&](int u, int64_t p) {  // the pair p of 32 rows against every x row
+      const int8_t* wp = tile + p * 64;
+      prefetch_ahead(wp);
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32)));
       for (int m = 0; m < M; ++m) {
-        alignas(64) int64_t lanes[16];
-        _mm512_store_si512(lanes, total[h][m][0]);
-        _mm512_store_si512(lanes + 8, total[h][m][1]);
-        for (int j = 0; j < 16; ++j) {
-          const int64_t row = t * kTileRows + h * 16 + j;
-          const double product = static_cast<double>(lanes[j]) * x.scale[r0 + m] * w_scale[row];
-          y[(r0 + m) * n + row] = static_cast<Out>(static_cast<float>(product));
-        }
+        int32_t pair;
+        std::memcpy(&pair, x.q.data() + (r0 + m) * k + 2 * p, sizeof(pair));
+        const __m512i xb = _mm512_set1_epi32(pair);
+        acc[u][0][m] = _mm512_dpwssd_epi32(acc[u][0][m], w0, xb);
+        acc[u][1][m] = _mm512_dpwssd_epi32(acc[u][1][m], w1, xb);
       }
+    };
+    int64_t p = p0;
+    for (; p + U <= p1; p += U)
+      for (int u = 0; u < U; ++u) step(u, p + u);
+    for (; p < p1; ++p) step(0, p);
+    for (int u = 0; u < U; ++u)
+      for (int h = 0; h < 2; ++h)
+        for (int m = 0; m < M; ++m) {
+          const __m512i a = acc[u][h][m];
+          total[h][m][0] = _mm512_add_epi64(total[h][m][0], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a)));
+          total[h][m][1] = _mm512_add_epi64(total[h][m][1], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1)));
+        }
   }
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < M; ++m) {
+      alignas(64) int64_t lanes[16];
+      _mm512_store_si512(lanes, total[h][m][0]);
+      _mm512_store_si512(lanes + 8, total[h][m][1]);
+      for (int j = 0; j < 16; ++j) {
+        const int64_t row = t * kTileRows + h * 16 + j;
+        const double product = static_cast<double>(lanes[j]) * x.scale[r0 + m] * w_scale[row];
+        y[(r0 + m) * n + row] = static_cast<Out>(static_cast<float>(product));
+      }
+    }
 }
 
 template <typename Out>
@@ -379,10 +377,10 @@ void int8_tiles_product_into(const FixedRows& x, const int8_t* w, const float* w
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
         switch (std::min<int64_t>(4, m - r0)) {
-          case 1: int8_tile_rows<1, 4>(x, w, w_scale, y, n, k, t, t + 1, r0); break;
-          case 2: int8_tile_rows<2, 2>(x, w, w_scale, y, n, k, t, t + 1, r0); break;
-          case 3: int8_tile_rows<3, 1>(x, w, w_scale, y, n, k, t, t + 1, r0); break;
-          default: int8_tile_rows<4, 1>(x, w, w_scale, y, n, k, t, t + 1, r0); break;
+          case 1: int8_tile_rows<1, 4>(x, w, w_scale, y, n, k, t, r0); break;
+          case 2: int8_tile_rows<2, 2>(x, w, w_scale, y, n, k, t, r0); break;
+          case 3: int8_tile_rows<3, 1>(x, w, w_scale, y, n, k, t, r0); break;
+          default: int8_tile_rows<4, 1>(x, w, w_scale, y, n, k, t, r0); break;
         }
       }
     }

@@ -124,7 +124,8 @@ def sparse_decode_product(up: nn.Module, down: nn.Module) -> SparseDecodeProduct
         down_t = down.weight.detach().t().contiguous()
         return SparseDecodeProduct(sparse_gated_down, (up.weight, down.weight, down_t))
     if type(up) is Int8Linear and type(down) is Int8Linear:
-        up.use_tiles(False), down.use_tiles(False)  # gathered by rows (the tiles of gemma3n.quantize are not)
+        up.use_tiles(False)  # gathered by rows (the tiles of Int8Linear.use_tiles are not)
+        down.use_tiles(False)
         weights = (up.qweight, up.scales, down.qweight, down.scales, down.transposed_qweight())
         return SparseDecodeProduct(sparse_gated_down_int8, weights)
     return None
